@@ -1,0 +1,5 @@
+"""``python -m memento_edge`` runs the CLI."""
+from .cli import main
+
+if __name__ == "__main__":
+    main()

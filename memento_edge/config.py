@@ -1,0 +1,188 @@
+"""Settings: one dataclass, built from a declarative table.
+
+Precedence (lowest first): built-in defaults < YAML config file < ``MEMENTO_*`` environment < explicit
+overrides passed by the caller (CLI flags, tests). Every setting is documented here, once; the README
+table and ``memento-edge config`` are generated from :data:`SETTINGS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from .errors import InvalidInput
+
+DEFAULT_CONFIG_FILE = "/etc/memento-edge/config.yaml"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented setting: its name, type, default and help text."""
+
+    name: str
+    type: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _optional_str(value: Any) -> Optional[str]:
+    return None if value in (None, "") else str(value)
+
+
+SETTINGS: List[Setting] = [
+    Setting("home", _optional_str, None,
+            "State directory; default $XDG_DATA_HOME/memento-edge (~/.local/share/memento-edge)."),
+    Setting("db", _optional_str, None, "SQLite database file; default <home>/memento.db."),
+    Setting("model_dir", _optional_str, None, "Model directory built by `memento-edge model build`; "
+            "default <home>/model."),
+    Setting("host", str, "127.0.0.1", "Address the HTTP service binds to."),
+    Setting("port", int, 8077, "TCP port of the HTTP service."),
+    Setting("threads", int, 4, "Waitress worker threads."),
+    Setting("connection_limit", int, 32, "Waitress: maximum simultaneous connections."),
+    Setting("channel_timeout", int, 30, "Waitress: seconds an idle connection is kept."),
+    Setting("request_timeout", float, 30.0, "Seconds a request may wait for the model or the database."),
+    Setting("max_body_bytes", int, 8 * 1024 * 1024, "Largest accepted request body (413 above)."),
+    Setting("rate_limit_per_minute", int, 600, "Requests per minute per token (or client address); 0 = off."),
+    Setting("insecure_no_auth", _bool, False,
+            "Allow serving on a non-loopback address with no token configured (not recommended)."),
+    Setting("ort_threads", int, 1, "onnxruntime intra-op threads per inference (one slow core per request)."),
+    Setting("cache_entries", int, 1000, "Embedding LRU cache: maximum entries."),
+    Setting("cache_mb", float, 4.0, "Embedding LRU cache: maximum megabytes of vectors."),
+    Setting("batch_token_budget", int, 2048,
+            "Largest padded-token count (batch x longest sequence) of one inference mini-batch."),
+    Setting("max_tokens", int, 256, "Token truncation length of the embedding model."),
+    Setting("warmup", _bool, False, "Load the model in the background at start instead of on first use."),
+    Setting("idle_unload_minutes", float, 0.0, "Unload the model after this many idle minutes (0 = never)."),
+    Setting("rss_limit_mb", int, 0, "Memory governor ceiling for the service's RSS in MB (0 = off)."),
+    Setting("synchronous", str, "FULL",
+            "SQLite synchronous mode for WAL: FULL (every acknowledged write survives power loss) or NORMAL."),
+    Setting("dedupe_threshold", float, 0.0,
+            "Cosine similarity at or above which a new memory in the same collection is treated as a "
+            "duplicate of an existing one (0 = exact text only)."),
+    Setting("log_level", str, "INFO", "Logging level."),
+    Setting("tokens", list, [], "API tokens: list of {name, sha256, scopes} (see `memento-edge token create`)."),
+]
+
+_SETTING_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Use :meth:`load` rather than the constructor in application code."""
+
+    home: Optional[str] = None
+    db: Optional[str] = None
+    model_dir: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8077
+    threads: int = 4
+    connection_limit: int = 32
+    channel_timeout: int = 30
+    request_timeout: float = 30.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    rate_limit_per_minute: int = 600
+    insecure_no_auth: bool = False
+    ort_threads: int = 1
+    cache_entries: int = 1000
+    cache_mb: float = 4.0
+    batch_token_budget: int = 2048
+    max_tokens: int = 256
+    warmup: bool = False
+    idle_unload_minutes: float = 0.0
+    rss_limit_mb: int = 0
+    synchronous: str = "FULL"
+    dedupe_threshold: float = 0.0
+    log_level: str = "INFO"
+    tokens: List[Dict[str, Any]] = field(default_factory=list)
+    config_file: Optional[str] = None
+
+    # --- derived paths -------------------------------------------------------------------------
+    @property
+    def home_path(self) -> Path:
+        """The state directory (``MEMENTO_HOME``)."""
+        if self.home:
+            return Path(self.home).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return Path(base) / "memento-edge"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite database file (``MEMENTO_DB``)."""
+        return Path(self.db).expanduser() if self.db else self.home_path / "memento.db"
+
+    @property
+    def model_path(self) -> Path:
+        """The model directory (``MEMENTO_MODEL_DIR``)."""
+        return Path(self.model_dir).expanduser() if self.model_dir else self.home_path / "model"
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes`` applied (validated like any other source)."""
+        return dataclasses.replace(self, **_coerce(changes, source="override"))
+
+    @classmethod
+    def load(cls, config_file: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+             **overrides: Any) -> "Settings":
+        """Resolve settings from defaults, the YAML file, ``MEMENTO_*`` variables and ``overrides``.
+
+        ``config_file`` defaults to ``$MEMENTO_CONFIG`` or ``/etc/memento-edge/config.yaml``; a missing
+        default file is fine, a missing explicitly named one is an error.
+        """
+        env = os.environ if env is None else env
+        explicit = config_file or env.get("MEMENTO_CONFIG")
+        path = explicit or DEFAULT_CONFIG_FILE
+        values: Dict[str, Any] = {}
+        used_file: Optional[str] = None
+        if os.path.exists(path):
+            values.update(_coerce(_read_yaml(path), source=path))
+            used_file = path
+        elif explicit:
+            raise InvalidInput(f"config file not found: {path}", field="config")
+        env_values = {}
+        for s in SETTINGS:
+            key = "MEMENTO_" + s.name.upper()
+            if key in env and s.name != "tokens":
+                env_values[s.name] = env[key]
+        values.update(_coerce(env_values, source="environment"))
+        values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, source="override"))
+        return cls(config_file=used_file, **values)
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    import yaml  # imported lazily: only needed when a file exists
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read config file {path}: {exc}", field="config") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"config file {path} must hold a mapping of settings", field="config")
+    return data
+
+
+def _coerce(values: Mapping[str, Any], *, source: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, raw in values.items():
+        setting = _SETTING_BY_NAME.get(key)
+        if setting is None:
+            raise InvalidInput(f"unknown setting {key!r} in {source}", field=key)
+        try:
+            out[key] = setting.type(raw) if raw is not None else None
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"bad value for setting {key!r} in {source}: {raw!r}", field=key) from exc
+    if "synchronous" in out and str(out["synchronous"]).upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise InvalidInput("synchronous must be FULL, EXTRA or NORMAL", field="synchronous")
+    return out
