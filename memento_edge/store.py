@@ -1,0 +1,805 @@
+"""All SQL lives here: connection setup, migrations, the vector index, FTS5, search and filters.
+
+Concurrency model: one writer connection behind a lock (SQLite allows one writer anyway; the lock keeps
+Python threads from queueing inside SQLite's busy handler) and a small pool of reader connections, which
+WAL lets run alongside the writer. Connections are opened with ``check_same_thread=False`` but a
+connection is only ever used by one thread at a time (the lock or the pool guarantees it).
+
+Vectors live in one of two backends, fixed when the database is created and recorded in ``meta``:
+
+* ``sqlite-vec``: a ``vec0`` virtual table (L2 distance over L2-normalised vectors, which ranks exactly
+  like cosine and lets sqlite-vec use its faster L2 kernel);
+* ``numpy``: a plain table of float32 BLOBs scanned in chunks with numpy - the armv6 profile, where no
+  sqlite-vec build exists, and any Python whose sqlite3 cannot load extensions.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import migrations
+from .errors import Busy, InvalidInput, StorageFull, StoreError
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+_MAX_VEC_K = 4096  # sqlite-vec refuses larger k in a KNN query
+# Below this many filter matches an exact lookup of each candidate's vector is cheaper than a KNN scan.
+_EXACT_FILTER_LIMIT = 512
+_NUMPY_CHUNK = 2048
+
+# Words that carry no topic: dropping them from the keyword query keeps BM25 from ranking every turn
+# that says "what did you do" above the one that answers it.
+_STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just me more most my
+    myself no nor not now of off on once only or other our ours ourselves out over own same she should so
+    some such than that the their theirs them themselves then there these they this those through to too
+    under until up very was we were what when where which while who whom why will with would you your
+    yours yourself yourselves""".split()
+)
+
+
+def content_hash(text: str) -> str:
+    """Stable hash of a memory's text (dedupe key together with the collection)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def fts_query(text: str, *, keep_stopwords: bool = False) -> Optional[str]:
+    """Turn free text into a safe FTS5 query: each word quoted, OR-ed, stopwords dropped.
+
+    Quoting every term means user input can never be parsed as FTS5 syntax (``NEAR``, ``*``, ``:``, ...).
+    Returns ``None`` when nothing searchable is left.
+    """
+    words: List[str] = []
+    current: List[str] = []
+    for ch in text.lower():
+        if ch.isalnum():
+            current.append(ch)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if current:
+        words.append("".join(current))
+    seen: Dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w, None)
+    terms = list(seen)
+    if not keep_stopwords:
+        content = [w for w in terms if w not in _STOPWORDS]
+        terms = content or terms
+    if not terms:
+        return None
+    return " OR ".join(f'"{t}"' for t in terms[:64])
+
+
+def _translate(exc: sqlite3.Error) -> Exception:
+    msg = str(exc)
+    low = msg.lower()
+    if "disk is full" in low or "database or disk is full" in low:
+        return StorageFull("the disk is full: nothing was written")
+    if "locked" in low or "busy" in low:
+        return Busy("the database is busy; retry shortly", retry_after=1.0)
+    if "malformed" in low or "not a database" in low or "file is encrypted" in low:
+        return StoreError(f"the database file is damaged: {msg} (run `memento-edge check`, "
+                          "or `memento-edge restore` from a backup)")
+    if "readonly" in low or "read-only" in low:
+        return StoreError(f"the database is read-only: {msg}")
+    return StoreError(f"database error: {msg}")
+
+
+class _VectorIndex:
+    """Interface of the two vector backends."""
+
+    name = ""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def create(self, conn: sqlite3.Connection) -> None:
+        raise NotImplementedError
+
+    def put(self, conn: sqlite3.Connection, ids: Sequence[int], vectors: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def delete(self, conn: sqlite3.Connection, memory_id: int) -> None:
+        raise NotImplementedError
+
+    def count(self, conn: sqlite3.Connection) -> int:
+        raise NotImplementedError
+
+    def search(self, conn: sqlite3.Connection, query: np.ndarray, k: int,
+               candidate_sql: Optional[Tuple[str, List[Any]]], candidates: Optional[int]) -> List[Tuple[int, float]]:
+        """Top ``k`` ids by cosine similarity (highest first), restricted to ``candidate_sql`` if given."""
+        raise NotImplementedError
+
+    def get(self, conn: sqlite3.Connection, memory_id: int) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+
+class _SqliteVecIndex(_VectorIndex):
+    name = "sqlite-vec"
+
+    def create(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS memory_vec USING vec0(embedding float[{self.dim}])")
+
+    def put(self, conn: sqlite3.Connection, ids: Sequence[int], vectors: np.ndarray) -> None:
+        # vec0 has no upsert: delete first so update() and reindex() can reuse put().
+        conn.executemany("DELETE FROM memory_vec WHERE rowid = ?", [(int(i),) for i in ids])
+        conn.executemany(
+            "INSERT INTO memory_vec (rowid, embedding) VALUES (?, ?)",
+            [(int(i), np.ascontiguousarray(v, dtype=np.float32).tobytes()) for i, v in zip(ids, vectors)],
+        )
+
+    def delete(self, conn: sqlite3.Connection, memory_id: int) -> None:
+        conn.execute("DELETE FROM memory_vec WHERE rowid = ?", (memory_id,))
+
+    def count(self, conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT count(*) FROM memory_vec").fetchone()[0])
+
+    def get(self, conn: sqlite3.Connection, memory_id: int) -> Optional[np.ndarray]:
+        row = conn.execute("SELECT embedding FROM memory_vec WHERE rowid = ?", (memory_id,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32)
+
+    def _knn(self, conn: sqlite3.Connection, qb: bytes, k: int) -> List[Tuple[int, float]]:
+        rows = conn.execute(
+            "SELECT rowid, distance FROM memory_vec WHERE embedding MATCH ? AND k = ?", (qb, k)
+        ).fetchall()
+        # Unit vectors: |a-b|^2 = 2 - 2cos(a,b).
+        return [(int(r), 1.0 - (d * d) / 2.0) for r, d in rows]
+
+    def search(self, conn, query, k, candidate_sql, candidates):
+        qb = np.ascontiguousarray(query, dtype=np.float32).tobytes()
+        if candidate_sql is None:
+            return self._knn(conn, qb, min(k, _MAX_VEC_K))
+        where, params = candidate_sql
+        if candidates is not None and candidates <= _EXACT_FILTER_LIMIT:
+            return self._exact(conn, qb, k, where, params)
+        total = self.count(conn)
+        # Widen the KNN until k filtered hits are found: post-filtering the nearest K overall is exact
+        # as soon as K contains k matches (the seed took k first and then filtered, and came back short).
+        want = max(k * 4, int(k * total / max(candidates or 1, 1) * 2))
+        while True:
+            kk = min(want, _MAX_VEC_K, total)
+            hits = self._knn(conn, qb, kk) if kk > 0 else []
+            if hits:
+                ok = self._filter_ids(conn, [h[0] for h in hits], where, params)
+                found = [h for h in hits if h[0] in ok]
+            else:
+                found = []
+            if len(found) >= k or kk >= total:
+                return found[:k]
+            if kk >= _MAX_VEC_K:
+                return self._exact(conn, qb, k, where, params)
+            want = kk * 8
+
+    @staticmethod
+    def _filter_ids(conn, ids: List[int], where: str, params: List[Any]) -> set:
+        marks = ",".join("?" * len(ids))
+        rows = conn.execute(f"SELECT m.id FROM memories m WHERE m.id IN ({marks}) AND {where}",
+                            [*ids, *params]).fetchall()
+        return {r[0] for r in rows}
+
+    @staticmethod
+    def _exact(conn, qb: bytes, k: int, where: str, params: List[Any]) -> List[Tuple[int, float]]:
+        rows = conn.execute(
+            f"""SELECT v.rowid, vec_distance_l2(v.embedding, ?) AS d FROM memory_vec v
+                WHERE v.rowid IN (SELECT m.id FROM memories m WHERE {where}) ORDER BY d LIMIT ?""",
+            [qb, *params, k],
+        ).fetchall()
+        return [(int(r), 1.0 - (d * d) / 2.0) for r, d in rows]
+
+
+class _NumpyIndex(_VectorIndex):
+    name = "numpy"
+
+    def create(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS memory_vectors (id INTEGER PRIMARY KEY, embedding BLOB NOT NULL)"
+        )
+
+    def put(self, conn, ids, vectors):
+        conn.executemany(
+            "INSERT OR REPLACE INTO memory_vectors (id, embedding) VALUES (?, ?)",
+            [(int(i), np.ascontiguousarray(v, dtype=np.float32).tobytes()) for i, v in zip(ids, vectors)],
+        )
+
+    def delete(self, conn, memory_id):
+        conn.execute("DELETE FROM memory_vectors WHERE id = ?", (memory_id,))
+
+    def count(self, conn):
+        return int(conn.execute("SELECT count(*) FROM memory_vectors").fetchone()[0])
+
+    def get(self, conn, memory_id):
+        row = conn.execute("SELECT embedding FROM memory_vectors WHERE id = ?", (memory_id,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32)
+
+    def search(self, conn, query, k, candidate_sql, candidates):
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        if candidate_sql is None:
+            sql, params = "SELECT id, embedding FROM memory_vectors", []
+        else:
+            where, params = candidate_sql
+            sql = (f"SELECT v.id, v.embedding FROM memory_vectors v JOIN memories m ON m.id = v.id "
+                   f"WHERE {where}")
+        best_ids = np.empty(0, dtype=np.int64)
+        best_scores = np.empty(0, dtype=np.float32)
+        cur = conn.execute(sql, params)
+        # Stream in chunks and keep a running top-k: memory stays bounded whatever the store size.
+        while True:
+            rows = cur.fetchmany(_NUMPY_CHUNK)
+            if not rows:
+                break
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+            scores = mat @ q
+            best_ids = np.concatenate([best_ids, ids])
+            best_scores = np.concatenate([best_scores, scores])
+            if len(best_scores) > k:
+                keep = np.argpartition(-best_scores, k - 1)[:k]
+                best_ids, best_scores = best_ids[keep], best_scores[keep]
+        # Ties broken by id so results are deterministic (and comparable with sqlite-vec's).
+        order = np.lexsort((best_ids, -best_scores))
+        return [(int(best_ids[i]), float(best_scores[i])) for i in order[:k]]
+
+
+def _load_sqlite_vec(conn: sqlite3.Connection) -> bool:
+    """Load sqlite-vec into ``conn``; False when this Python or platform can't."""
+    try:
+        import sqlite_vec  # noqa: PLC0415 - optional on armv6
+
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+        return True
+    except (ImportError, AttributeError, sqlite3.Error, OSError):
+        return False
+
+
+class Store:
+    """A memento-edge SQLite database. Thread-safe; use one instance per process and database."""
+
+    def __init__(self, path: os.PathLike, *, dim: int = 384, synchronous: str = "FULL",
+                 vector_backend: str = "auto", max_readers: int = 8, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self.dim = dim
+        self.synchronous = synchronous.upper()
+        self._busy_ms = busy_timeout_ms
+        self._check_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wlock = threading.RLock()
+        self._readers: "queue.LifoQueue[sqlite3.Connection]" = queue.LifoQueue()
+        self._reader_slots = threading.BoundedSemaphore(max_readers)
+        self._all: List[sqlite3.Connection] = []
+        self._closed = False
+        self._vec_loadable: Optional[bool] = None
+        self._writer = self._connect()
+        try:
+            migrations.migrate(self._writer)
+            self.vector: Optional[_VectorIndex] = self._setup_vectors(vector_backend)
+        except sqlite3.Error as exc:
+            self.close()
+            raise _translate(exc) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    # --- connections ----------------------------------------------------------------------------
+    def _check_file(self) -> None:
+        """Refuse, without writing a byte, a file that is not a (memento-edge) SQLite database."""
+        if not self.path.exists():
+            return
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a database file")
+        with open(self.path, "rb") as fh:
+            head = fh.read(16)
+        if head and head != SQLITE_HEADER:
+            raise StoreError(f"{self.path} is not a SQLite database (corrupt or another kind of file); "
+                             "it was left untouched")
+        if not head:
+            return
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path} cannot be read as a database ({exc}); it was left untouched") from exc
+        if names and "_migrations" not in names:
+            raise StoreError(f"{self.path} is a SQLite database of another application; it was left untouched")
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=self._busy_ms / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss.
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA cache_size = -4000")  # 4 MB per connection: the board has 512 MB
+            conn.execute("PRAGMA journal_size_limit = 4194304")  # truncate the WAL after checkpoints
+            conn.execute("PRAGMA temp_store = FILE")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        loaded = _load_sqlite_vec(conn)
+        if self._vec_loadable is None:
+            self._vec_loadable = loaded
+        self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a reader connection (WAL readers run alongside the writer)."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        if not self._reader_slots.acquire(timeout=self._busy_ms / 1000):
+            raise Busy("too many concurrent readers", retry_after=0.5)
+        try:
+            try:
+                conn = self._readers.get_nowait()
+            except queue.Empty:
+                with self._wlock:
+                    conn = self._connect()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._readers.put(conn)
+        finally:
+            self._reader_slots.release()
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[sqlite3.Connection]:
+        """The writer connection inside ``BEGIN IMMEDIATE``; commits on success, rolls back on error."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        with self._wlock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise _translate(exc) from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._wlock:
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except (sqlite3.Error, AttributeError):
+                pass
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+
+    # --- meta and vectors -------------------------------------------------------------------------
+    def _setup_vectors(self, wanted: str) -> Optional[_VectorIndex]:
+        recorded = self.meta_get("vector_backend")
+        if recorded is not None:
+            dim = int(self.meta_get("dim") or self.dim)
+            self.dim = dim
+            if recorded == _SqliteVecIndex.name and not self._vec_loadable:
+                # Written on a machine with sqlite-vec, opened without it: keyword search still works.
+                return None
+            index: _VectorIndex = _SqliteVecIndex(dim) if recorded == _SqliteVecIndex.name else _NumpyIndex(dim)
+            return index
+        if wanted not in ("auto", "sqlite-vec", "numpy"):
+            raise InvalidInput("vector_backend must be auto, sqlite-vec or numpy", field="vector_backend")
+        if wanted == "sqlite-vec" and not self._vec_loadable:
+            raise StoreError("sqlite-vec cannot be loaded by this Python (sqlite3 without extension "
+                             "support, or no sqlite-vec build for this platform)")
+        use_vec = wanted == "sqlite-vec" or (wanted == "auto" and self._vec_loadable)
+        index = _SqliteVecIndex(self.dim) if use_vec else _NumpyIndex(self.dim)
+        with self.writer() as conn:
+            index.create(conn)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('vector_backend', ?)", (index.name,))
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dim', ?)", (str(self.dim),))
+        return index
+
+    @property
+    def vector_backend(self) -> str:
+        """``sqlite-vec``, ``numpy``, or ``unavailable`` (sqlite-vec database opened without sqlite-vec)."""
+        return self.vector.name if self.vector is not None else "unavailable"
+
+    def meta_get(self, key: str) -> Optional[str]:
+        """A value of the ``meta`` table, or None."""
+        with self.reader() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def meta_set(self, key: str, value: str, conn: Optional[sqlite3.Connection] = None) -> None:
+        """Set a ``meta`` value (inside ``conn``'s transaction when given)."""
+        if conn is not None:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            return
+        with self.writer() as c:
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _require_vectors(self) -> _VectorIndex:
+        if self.vector is None:
+            raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
+        return self.vector
+
+    # --- writes ---------------------------------------------------------------------------------
+    def find_duplicate(self, conn: sqlite3.Connection, collection: str, text: str) -> Optional[int]:
+        """Id of a memory with exactly ``text`` in ``collection``, if any."""
+        row = conn.execute(
+            "SELECT id FROM memories WHERE collection = ? AND content_hash = ? AND text = ? LIMIT 1",
+            (collection, content_hash(text), text),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def insert(self, conn: sqlite3.Connection, row: Mapping[str, Any], vector: Optional[np.ndarray]) -> int:
+        """Insert one memory (inside the caller's ``writer()`` transaction); returns its id."""
+        now = time.time()
+        cur = conn.execute(
+            """INSERT INTO memories (text, collection, source, session_id, importance, metadata,
+                                     created_at, updated_at, content_hash)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (row["text"], row["collection"], row.get("source"), row.get("session_id"),
+             float(row.get("importance", 0.5)), json.dumps(row.get("metadata") or {}, ensure_ascii=False),
+             row.get("created_at", now), now, content_hash(row["text"])),
+        )
+        mid = int(cur.lastrowid)
+        tags = row.get("tags") or []
+        if tags:
+            conn.executemany("INSERT OR IGNORE INTO memory_tags (tag, memory_id) VALUES (?, ?)",
+                             [(t, mid) for t in tags])
+        if vector is not None:
+            self._require_vectors().put(conn, [mid], vector[None, :])
+        return mid
+
+    def update(self, conn: sqlite3.Connection, memory_id: int, fields: Mapping[str, Any],
+               tags: Optional[Sequence[str]], vector: Optional[np.ndarray]) -> bool:
+        """Update columns / tags / vector of one memory; False when it does not exist."""
+        if not conn.execute("SELECT 1 FROM memories WHERE id = ?", (memory_id,)).fetchone():
+            return False
+        cols = dict(fields)
+        if "metadata" in cols:
+            cols["metadata"] = json.dumps(cols["metadata"] or {}, ensure_ascii=False)
+        if "text" in cols:
+            cols["content_hash"] = content_hash(cols["text"])
+        cols["updated_at"] = time.time()
+        assignments = ", ".join(f"{k} = ?" for k in cols)  # keys come from memory.py's fixed list
+        conn.execute(f"UPDATE memories SET {assignments} WHERE id = ?", [*cols.values(), memory_id])
+        if tags is not None:
+            conn.execute("DELETE FROM memory_tags WHERE memory_id = ?", (memory_id,))
+            conn.executemany("INSERT OR IGNORE INTO memory_tags (tag, memory_id) VALUES (?, ?)",
+                             [(t, memory_id) for t in tags])
+        if vector is not None:
+            self._require_vectors().put(conn, [memory_id], vector[None, :])
+        return True
+
+    def delete(self, memory_id: int) -> bool:
+        """Delete a memory with its tags, FTS entry and vector; False when absent."""
+        with self.writer() as conn:
+            cur = conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+            if cur.rowcount == 0:
+                return False
+            if self.vector is not None:
+                self.vector.delete(conn, memory_id)
+            elif self.vector_backend == "unavailable":
+                raise StoreError("deleting needs sqlite-vec here (the vector would be left behind)")
+            return True
+
+    def put_vectors(self, conn: sqlite3.Connection, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Replace the vectors of ``ids`` (reindex)."""
+        self._require_vectors().put(conn, ids, vectors)
+
+    # --- reads ----------------------------------------------------------------------------------
+    _COLUMNS = ("m.id, m.text, m.collection, m.source, m.session_id, m.importance, m.metadata, "
+                "m.created_at, m.updated_at, m.content_hash, "
+                "(SELECT json_group_array(tag) FROM memory_tags t WHERE t.memory_id = m.id) AS tags")
+
+    @staticmethod
+    def _row(r: sqlite3.Row) -> Dict[str, Any]:
+        return {
+            "id": r[0], "text": r[1], "collection": r[2], "source": r[3], "session_id": r[4],
+            "importance": r[5], "metadata": json.loads(r[6]), "created_at": r[7], "updated_at": r[8],
+            "content_hash": r[9], "tags": sorted(json.loads(r[10])) if r[10] else [],
+        }
+
+    def get_many(self, ids: Sequence[int], conn: Optional[sqlite3.Connection] = None) -> Dict[int, Dict[str, Any]]:
+        """Rows for ``ids`` (missing ids are absent from the result)."""
+        if not ids:
+            return {}
+        out: Dict[int, Dict[str, Any]] = {}
+        with (contextlib.nullcontext(conn) if conn is not None else self.reader()) as c:
+            for start in range(0, len(ids), 500):
+                part = list(ids[start:start + 500])
+                marks = ",".join("?" * len(part))
+                for r in c.execute(f"SELECT {self._COLUMNS} FROM memories m WHERE m.id IN ({marks})", part):
+                    out[r[0]] = self._row(r)
+        return out
+
+    def get(self, memory_id: int) -> Optional[Dict[str, Any]]:
+        """One row, or None."""
+        return self.get_many([memory_id]).get(memory_id)
+
+    def recent(self, collection: Optional[str], limit: int, before_id: Optional[int]) -> List[Dict[str, Any]]:
+        """Newest first (by id: ids are monotonic even when the board's clock is not)."""
+        where, params = ["1"], []  # type: List[str], List[Any]
+        if collection is not None:
+            where.append("m.collection = ?")
+            params.append(collection)
+        if before_id is not None:
+            where.append("m.id < ?")
+            params.append(before_id)
+        with self.reader() as c:
+            rows = c.execute(f"SELECT {self._COLUMNS} FROM memories m WHERE {' AND '.join(where)} "
+                             f"ORDER BY m.id DESC LIMIT ?", [*params, limit]).fetchall()
+        return [self._row(r) for r in rows]
+
+    def iter_rows(self, batch: int = 500) -> Iterator[List[Dict[str, Any]]]:
+        """Every memory in id order, ``batch`` rows at a time (bounded memory for export/reindex)."""
+        last = 0
+        while True:
+            with self.reader() as c:
+                rows = c.execute(f"SELECT {self._COLUMNS} FROM memories m WHERE m.id > ? ORDER BY m.id LIMIT ?",
+                                 (last, batch)).fetchall()
+            if not rows:
+                return
+            out = [self._row(r) for r in rows]
+            last = out[-1]["id"]
+            yield out
+
+    def count(self, filters: Optional[Mapping[str, Any]] = None) -> int:
+        """Number of memories matching ``filters`` (normalised by memory.py)."""
+        where, params = filter_sql(filters or {})
+        with self.reader() as c:
+            return int(c.execute(f"SELECT count(*) FROM memories m WHERE {where}", params).fetchone()[0])
+
+    def vector_search(self, query: np.ndarray, k: int,
+                      filters: Optional[Mapping[str, Any]] = None) -> List[Tuple[int, float]]:
+        """Top ``k`` (id, cosine) by vector similarity among memories matching ``filters``."""
+        index = self._require_vectors()
+        with self.reader() as c:
+            if filters:
+                where, params = filter_sql(filters)
+                n = int(c.execute(f"SELECT count(*) FROM memories m WHERE {where}", params).fetchone()[0])
+                if n == 0:
+                    return []
+                return index.search(c, query, k, (where, params), n)
+            return index.search(c, query, k, None, None)
+
+    def keyword_search(self, query: str, k: int,
+                       filters: Optional[Mapping[str, Any]] = None) -> List[Tuple[int, float]]:
+        """Top ``k`` (id, bm25 score, higher is better) from FTS5 among memories matching ``filters``."""
+        match = fts_query(query)
+        if match is None:
+            return []
+        where, params = filter_sql(filters or {})
+        with self.reader() as c:
+            rows = c.execute(
+                f"""SELECT m.id, bm25(memories_fts) AS s FROM memories_fts
+                    JOIN memories m ON m.id = memories_fts.rowid
+                    WHERE memories_fts MATCH ? AND {where} ORDER BY s LIMIT ?""",
+                [match, *params, k],
+            ).fetchall()
+        return [(int(r[0]), -float(r[1])) for r in rows]
+
+    def get_vector(self, memory_id: int) -> Optional[np.ndarray]:
+        """The stored vector of one memory (tests, dedupe)."""
+        index = self._require_vectors()
+        with self.reader() as c:
+            return index.get(c, memory_id)
+
+    # --- idempotency ----------------------------------------------------------------------------
+    def idempotency_get(self, key: str) -> Optional[Tuple[str, int, str]]:
+        """(request_hash, status, body) stored for ``key``, or None."""
+        with self.reader() as c:
+            row = c.execute("SELECT request_hash, status, body FROM idempotency WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (row[0], int(row[1]), row[2])
+
+    def idempotency_put(self, key: str, request_hash: str, status: int, body: str,
+                        keep_seconds: float = 86400.0) -> None:
+        """Record the first answer to ``key`` (older keys are pruned so the table stays small)."""
+        now = time.time()
+        with self.writer() as c:
+            c.execute("INSERT OR IGNORE INTO idempotency (key, request_hash, status, body, created_at) "
+                      "VALUES (?, ?, ?, ?, ?)", (key, request_hash, status, body, now))
+            c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - keep_seconds,))
+
+    # --- maintenance ----------------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        """Counts, sizes and versions."""
+        with self.reader() as c:
+            total = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
+            colls = {r[0]: r[1] for r in c.execute(
+                "SELECT collection, count(*) FROM memories GROUP BY collection ORDER BY 2 DESC LIMIT 100")}
+            vectors = self.vector.count(c) if self.vector is not None else None
+            schema = migrations.applied(c)
+            try:
+                vec_version = c.execute("SELECT vec_version()").fetchone()[0]
+            except sqlite3.Error:
+                vec_version = None
+        db_bytes = self.path.stat().st_size if self.path.exists() else 0
+        wal = Path(str(self.path) + "-wal")
+        return {
+            "memories": total, "vectors": vectors, "collections": colls, "db_path": str(self.path),
+            "db_bytes": db_bytes, "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+            "vector_backend": self.vector_backend, "sqlite_version": sqlite3.sqlite_version,
+            "sqlite_vec_version": vec_version, "schema": schema[-1] if schema else None,
+            "model_fingerprint": self.meta_get("model_fingerprint"),
+        }
+
+    def integrity_check(self) -> List[str]:
+        """Problems found by ``PRAGMA integrity_check`` and the FTS5 index check (empty list = ok)."""
+        problems: List[str] = []
+        with self.reader() as c:
+            rows = [r[0] for r in c.execute("PRAGMA integrity_check").fetchall()]
+            if rows != ["ok"]:
+                problems.extend(rows)
+        try:
+            with self.writer() as c:
+                c.execute("INSERT INTO memories_fts (memories_fts, rank) VALUES ('integrity-check', 1)")
+        except StoreError as exc:
+            problems.append(f"full-text index: {exc}")
+        if self.vector is not None:
+            with self.reader() as c:
+                n_mem = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
+                n_vec = self.vector.count(c)
+            if n_vec != n_mem:
+                problems.append(f"{n_mem} memories but {n_vec} vectors (run `memento-edge reindex`)")
+        return problems
+
+    def backup(self, dest: os.PathLike, progress: Optional[Any] = None) -> Path:
+        """Online backup through SQLite's backup API (a file copy would miss pages still in the WAL)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        if tmp.exists():
+            tmp.unlink()
+        target = sqlite3.connect(str(tmp))
+        try:
+            def _progress(status: int, remaining: int, total: int) -> None:
+                if progress is not None:
+                    progress(total - remaining, total)
+
+            with self.reader() as c:
+                c.backup(target, pages=256, progress=_progress)
+            target.execute("PRAGMA journal_mode = DELETE")
+            ok = target.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise StoreError(f"backup failed verification: {ok}")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        finally:
+            target.close()
+        _fsync_file(tmp)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+        return dest
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def restore(src: os.PathLike, dest: os.PathLike) -> Path:
+    """Replace the database at ``dest`` with the verified backup ``src`` (no process may have it open).
+
+    The backup is checked (integrity, memento-edge schema) before anything at ``dest`` is touched; the new
+    file is written beside ``dest`` and renamed over it, so a crash leaves either the old or the new database.
+    """
+    src, dest = Path(src), Path(dest)
+    if not src.exists():
+        raise InvalidInput(f"backup file not found: {src}", field="src")
+    with open(src, "rb") as fh:
+        if fh.read(16) != SQLITE_HEADER:
+            raise StoreError(f"{src} is not a SQLite database")
+    try:
+        source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+        try:
+            ok = source.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise StoreError(f"backup {src} is damaged: {ok}")
+            names = {r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "_migrations" not in names or "memories" not in names:
+                raise StoreError(f"{src} is not a memento-edge database")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".restoring")
+            if tmp.exists():
+                tmp.unlink()
+            target = sqlite3.connect(str(tmp))
+            try:
+                source.backup(target)
+                target.execute("PRAGMA journal_mode = WAL")
+            finally:
+                target.close()
+        finally:
+            source.close()
+    except sqlite3.Error as exc:
+        raise _translate(exc) from exc
+    _fsync_file(tmp)
+    # The old WAL belongs to the old file: left beside the new one it would be replayed into it.
+    for suffix in ("-wal", "-shm"):
+        stale = Path(str(dest) + suffix)
+        if stale.exists():
+            stale.unlink()
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def filter_sql(filters: Mapping[str, Any]) -> Tuple[str, List[Any]]:
+    """SQL condition on alias ``m`` for normalised ``filters`` (validated by memory.py)."""
+    where: List[str] = []
+    params: List[Any] = []
+    for key in ("collection", "source", "session_id"):
+        if filters.get(key) is not None:
+            where.append(f"m.{key} = ?")
+            params.append(filters[key])
+    if filters.get("min_importance") is not None:
+        where.append("m.importance >= ?")
+        params.append(filters["min_importance"])
+    if filters.get("since") is not None:
+        where.append("m.created_at >= ?")
+        params.append(filters["since"])
+    if filters.get("until") is not None:
+        where.append("m.created_at < ?")
+        params.append(filters["until"])
+    if filters.get("tags_any"):
+        tags = list(filters["tags_any"])
+        where.append(f"EXISTS (SELECT 1 FROM memory_tags t WHERE t.memory_id = m.id AND t.tag IN "
+                     f"({','.join('?' * len(tags))}))")
+        params.extend(tags)
+    if filters.get("tags_all"):
+        tags = sorted(set(filters["tags_all"]))
+        where.append(f"(SELECT count(*) FROM memory_tags t WHERE t.memory_id = m.id AND t.tag IN "
+                     f"({','.join('?' * len(tags))})) = ?")
+        params.extend(tags)
+        params.append(len(tags))
+    for key, value in (filters.get("metadata") or {}).items():
+        path = '$."' + key + '"'  # key validated by memory.py: no quotes or backslashes
+        if value is None:
+            where.append("json_type(m.metadata, ?) = 'null'")
+            params.append(path)
+        elif isinstance(value, bool):
+            where.append("json_type(m.metadata, ?) = ?")
+            params.extend([path, "true" if value else "false"])
+        else:
+            where.append("json_extract(m.metadata, ?) = ?")
+            params.extend([path, value])
+    return (" AND ".join(where) if where else "1"), params

@@ -1,0 +1,101 @@
+"""Store internals: migrations, the two vector backends, the keyword query builder."""
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from memento_edge import migrations
+from memento_edge.store import Store, fts_query
+
+
+def _unit(rng, n, dim=384):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_migrations_apply_in_order_and_can_stop_before(tmp_path):
+    con = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    ran = migrations.migrate(con, stop_before="m002_idempotency")
+    assert ran == ["m001_initial"]
+    assert migrations.applied(con) == ["m001_initial"]
+    assert migrations.migrate(con) == ["m002_idempotency"]
+    assert migrations.migrate(con) == []
+    assert migrations.applied(con)[-1] == migrations.latest()
+
+
+def test_failed_migration_rolls_back(tmp_path, monkeypatch):
+    con = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    migrations.migrate(con, stop_before="m002_idempotency")
+
+    def broken(conn):
+        conn.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS[:1], ("m002_idempotency", broken)])
+    with pytest.raises(RuntimeError):
+        migrations.migrate(con)
+    assert migrations.applied(con) == ["m001_initial"]
+    assert not con.execute("SELECT 1 FROM sqlite_master WHERE name='half_done'").fetchone()
+
+
+def _fill(store, vecs, texts=None):
+    with store.writer() as conn:
+        for i, v in enumerate(vecs):
+            store.insert(conn, {"text": texts[i] if texts else f"memory {i}", "collection": f"c{i % 3}",
+                                "tags": [], "metadata": {}}, v)
+
+
+def test_numpy_backend_matches_sqlite_vec_on_1k(tmp_path):
+    """The armv6 numpy index returns the same ids, in the same order, as sqlite-vec."""
+    rng = np.random.default_rng(7)
+    vecs = _unit(rng, 1000)
+    a = Store(tmp_path / "vec.db", vector_backend="sqlite-vec")
+    b = Store(tmp_path / "np.db", vector_backend="numpy")
+    _fill(a, vecs)
+    _fill(b, vecs)
+    assert (a.vector_backend, b.vector_backend) == ("sqlite-vec", "numpy")
+    for q in _unit(rng, 25):
+        for flt in (None, {"collection": "c1"}):
+            ra = a.vector_search(q, 10, flt)
+            rb = b.vector_search(q, 10, flt)
+            assert [i for i, _ in ra] == [i for i, _ in rb]
+            assert np.allclose([s for _, s in ra], [s for _, s in rb], atol=1e-5)
+    a.close()
+    b.close()
+
+
+def test_backend_is_fixed_at_creation(tmp_path):
+    Store(tmp_path / "x.db", vector_backend="numpy").close()
+    s = Store(tmp_path / "x.db", vector_backend="sqlite-vec")
+    assert s.vector_backend == "numpy"
+    s.close()
+
+
+def test_filtered_knn_widens_until_full(tmp_path):
+    """Filter matching 1% of a store: the widening KNN (not the exact path) must still fill top-k."""
+    rng = np.random.default_rng(3)
+    vecs = _unit(rng, 3000)
+    s = Store(tmp_path / "w.db", vector_backend="sqlite-vec")
+    with s.writer() as conn:
+        for i, v in enumerate(vecs):
+            s.insert(conn, {"text": f"m{i}", "collection": "rare" if i % 100 == 0 else "common",
+                            "tags": [], "metadata": {}}, v)
+    q = vecs[1]
+    got = s.vector_search(q, 10, {"collection": "rare"})
+    rare = np.array([i for i in range(3000) if i % 100 == 0])
+    expected = rare[np.argsort(-(vecs[rare] @ q))][:10] + 1
+    assert [i for i, _ in got] == list(expected)
+    s.close()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("buy food", '"buy" OR "food"'),
+    ("what did you do", '"what" OR "did" OR "you" OR "do"'),
+    ("When did Caroline go to the LGBTQ support group?", '"caroline" OR "go" OR "lgbtq" OR "support" OR "group"'),
+    ('NEAR(" * ^:', '"near"'),
+    ("!!!", None),
+])
+def test_fts_query_is_quoted_and_drops_stopwords(text, expected):
+    assert fts_query(text) == expected
