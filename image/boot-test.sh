@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Boot the appliance image under QEMU and check it end to end:
+#
+#   image/boot-test.sh [IMAGE.img] [--requests N] [--provision] [--keep]
+#
+# 1. copies the image (sparse) and grows the copy by 1 GiB (exercises the first-boot growroot unit),
+# 2. writes memento-edge.txt (hostname, SSH key, API token) into the FAT partition with mtools,
+# 3. boots `qemu-system-aarch64 -M virt -cpu cortex-a53 -m 512 -smp 4` with the image's own kernel and initrd
+#    (read from the ext4 partition with debugfs), user-mode networking restricted to two hostfwd ports on
+#    127.0.0.1 (the guest reaches nothing else),
+# 4. waits (bounded) for GET /healthz 200, stores a memory and recalls it with the token, reads /metrics,
+# 5. over SSH (the key from step 2): the service's RSS idle, `systemd-analyze`, the secrets wiped from the
+#    boot file, then N mixed requests (default 1000) and the RSS again,
+# 6. with --provision: runs ansible/site.yml over the forwarded SSH port against the booted image (the
+#    "provision an existing Pi" path) and requires changed=0,
+# 7. writes bench/results/<date>-image-qemu.{json,md}.
+# Every QEMU run is bounded (MEMENTO_BOOT_TIMEOUT, default 2400 s total).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+img=""
+requests=1000
+provision=0
+keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --requests) requests="$2"; shift 2 ;;
+    --provision) provision=1; shift ;;
+    --keep) keep=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) img="$1"; shift ;;
+  esac
+done
+[ -n "$img" ] || img="$(ls -1t "$here"/out/memento-edge-*-pizero2w-arm64.img 2>/dev/null | head -1)"
+[ -f "$img" ] || { echo "no image: run image/build.sh first" >&2; exit 1; }
+work="${MEMENTO_BOOT_WORK:-$here/out/boot-test}"
+total_timeout="${MEMENTO_BOOT_TIMEOUT:-2400}"
+http_port="${MEMENTO_BOOT_HTTP_PORT:-18077}"
+ssh_port="${MEMENTO_BOOT_SSH_PORT:-12222}"
+py="${MEMENTO_HOST_PYTHON:-$repo/.venv/bin/python}"
+log() { printf '[boot %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+rm -rf "$work"; mkdir -p "$work"
+qemu_pid=""
+cleanup() {
+  if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then kill "$qemu_pid"; wait "$qemu_pid" 2>/dev/null || true; fi
+  [ "$keep" = 1 ] || rm -f "$work/disk.img" "$work/root.ext4"
+}
+trap cleanup EXIT
+t_start=$(date +%s)
+
+# --- disk copy + first-boot file --------------------------------------------------------------------------
+cp --sparse=always "$img" "$work/disk.img"
+truncate -s +1G "$work/disk.img"
+read -r p1_start p2_start p2_size < <(sfdisk -d "$work/disk.img" | awk -F'[=,]' '
+  /start=/ { for (i=1;i<=NF;i++) { gsub(/ /,"",$i); if ($i=="start") s[++n]=$(i+1); if ($i=="size") z[n]=$(i+1) } }
+  END { print s[1], s[2], z[2] }')
+ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
+token="$("$py" -c 'import secrets; print(secrets.token_urlsafe(32))')"
+cat > "$work/memento-edge.txt" <<EOF
+# written by image/boot-test.sh
+hostname = memento-qemu
+ssh_authorized_key = $(cat "$work/id_ed25519.pub")
+api_token = $token
+api_token_name = boot-test
+timezone = UTC
+EOF
+MTOOLS_SKIP_CHECK=1 mcopy -o -i "$work/disk.img@@$((p1_start * 512))" "$work/memento-edge.txt" ::/memento-edge.txt
+
+# --- kernel + initrd from the image's own root filesystem (no mounts) -----------------------------------------
+dd if="$work/disk.img" of="$work/root.ext4" bs=512 skip="$p2_start" count="$p2_size" conv=sparse status=none
+kver="$(debugfs -R 'ls -p /boot' "$work/root.ext4" 2>/dev/null | awk -F/ '{print $6}' | sed -n 's/^vmlinuz-//p' | sort -V | tail -1)"
+[ -n "$kver" ] || { echo "no kernel in the image" >&2; exit 1; }
+debugfs -R "dump /boot/vmlinuz-$kver $work/vmlinuz" "$work/root.ext4" 2>/dev/null
+debugfs -R "dump /boot/initrd.img-$kver $work/initrd.img" "$work/root.ext4" 2>/dev/null
+rm -f "$work/root.ext4"
+log "kernel $kver; image $(basename "$img")"
+
+# --- boot ------------------------------------------------------------------------------------------------------
+t_boot=$(date +%s)
+timeout "$total_timeout" qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512 \
+  -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
+  -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0,115200 systemd.show_status=1" \
+  -drive "file=$work/disk.img,format=raw,if=none,id=d0,cache=unsafe" -device virtio-blk-pci,drive=d0 \
+  -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$http_port-:8077,hostfwd=tcp:127.0.0.1:$ssh_port-:22" \
+  -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
+  -display none -serial "file:$work/serial.log" -monitor none -no-reboot &
+qemu_pid=$!
+deadline=$((t_start + total_timeout - 60))
+
+wait_for() {  # wait_for WHAT COMMAND...: poll until COMMAND succeeds or the deadline passes
+  local what="$1"; shift
+  until "$@" >/dev/null 2>&1; do
+    kill -0 "$qemu_pid" 2>/dev/null || { log "QEMU exited while waiting for $what"; tail -50 "$work/serial.log" >&2; exit 1; }
+    [ "$(date +%s)" -lt "$deadline" ] || { log "timed out waiting for $what"; tail -80 "$work/serial.log" >&2; exit 1; }
+    sleep 5
+  done
+}
+health() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$http_port/healthz")" = 200 ]; }
+wait_for "/healthz" health
+t_health=$(( $(date +%s) - t_boot ))
+log "/healthz 200 after ${t_health} s (from QEMU start, incl. first-boot work)"
+
+sshg() {
+  ssh -q -i "$work/id_ed25519" -p "$ssh_port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    -o ConnectTimeout=20 -o BatchMode=yes admin@127.0.0.1 "$@"
+}
+wait_for "ssh" sshg true
+
+# --- API checks + load + in-guest measurements (python on the host, bounded) --------------------------------
+export BT_URL="http://127.0.0.1:$http_port" BT_TOKEN="$token" BT_REQUESTS="$requests" BT_WORK="$work"
+export BT_SSH="ssh -q -i $work/id_ed25519 -p $ssh_port -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 -o BatchMode=yes admin@127.0.0.1"
+timeout 3000 "$py" "$here/boot_test_client.py" > "$work/client.json"
+cat "$work/client.json" >&2
+
+# --- provision the booted image with Ansible over SSH (changed=0 expected) ---------------------------------
+provision_json=null
+if [ "$provision" = 1 ]; then
+  cat > "$work/inventory.yml" <<EOF
+memento_edge:
+  hosts:
+    memento-qemu:
+      ansible_host: 127.0.0.1
+      ansible_port: $ssh_port
+      ansible_user: admin
+      ansible_ssh_private_key_file: $work/id_ed25519
+      ansible_ssh_common_args: "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+EOF
+  t_prov=$(date +%s)
+  # The guest has no route out (restrict=on), so apt is told not to refresh its lists.
+  ANSIBLE_CONFIG="$repo/ansible/ansible.cfg" timeout 1800 "$repo/.cache/ansible-venv/bin/ansible-playbook" \
+    -i "$work/inventory.yml" "$repo/ansible/site.yml" -e memento_edge_apt_update=false \
+    | tee "$work/provision.log"
+  recap="$(grep -E 'ok=[0-9]+' "$work/provision.log" | tail -1)"
+  changed="$(sed -n 's/.*changed=\([0-9]*\).*/\1/p' <<<"$recap")"
+  failed="$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$recap")"
+  provision_json="{\"seconds\": $(( $(date +%s) - t_prov )), \"changed\": $changed, \"failed\": $failed}"
+  [ "$failed" = 0 ] && [ "$changed" = 0 ] || { log "provision over SSH: $recap"; exit 1; }
+fi
+
+# --- clean shutdown, results --------------------------------------------------------------------------------
+sshg sudo systemctl poweroff || true
+for _ in $(seq 60); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 2; done
+export BT_IMAGE="$img" BT_HEALTH_S="$t_health" BT_PROVISION="$provision_json" BT_KERNEL="$kver"
+"$py" - <<'EOF'
+import datetime, json, os, platform, subprocess
+from pathlib import Path
+work = Path(os.environ["BT_WORK"])
+client = json.loads((work / "client.json").read_text())
+img = Path(os.environ["BT_IMAGE"])
+xz = img.with_name(img.name + ".xz")
+build_times = img.parent / "build-times.json"
+doc = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "image": img.name, "raw_bytes": img.stat().st_size, "xz_bytes": xz.stat().st_size if xz.exists() else None,
+    "qemu": "qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512 (TCG on " + platform.machine() + ")",
+    "qemu_version": subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+    "kernel": os.environ["BT_KERNEL"],
+    "healthz_after_s": int(os.environ["BT_HEALTH_S"]),
+    "provision_over_ssh": json.loads(os.environ["BT_PROVISION"]),
+    "build": json.loads(build_times.read_text()) if build_times.exists() else None,
+    **client,
+}
+day = datetime.date.today().isoformat()
+out = Path(os.environ.get("BT_RESULTS", "bench/results"))
+out.mkdir(parents=True, exist_ok=True)
+(out / f"{day}-image-qemu.json").write_text(json.dumps(doc, indent=2) + "\n")
+mb = lambda kb: f"{kb / 1024:.1f} MB" if kb else "n/a"
+lines = [
+    f"# Appliance image under QEMU ({day})", "",
+    "Emulated, not a real Pi Zero 2 W: TCG on a shared 2-core x86 host is much slower than the board's "
+    "Cortex-A53 cores, so times are upper bounds; memory figures carry over.", "",
+    "| what | value |", "| --- | --- |",
+    f"| image | `{doc['image']}` |",
+    f"| raw size | {doc['raw_bytes'] / 2**20:.0f} MiB |",
+    f"| .xz size | {doc['xz_bytes'] / 2**20:.0f} MiB |" if doc["xz_bytes"] else "| .xz size | not built |",
+    f"| build time | {doc['build']['total_s']} s |" if doc["build"] else "| build time | n/a |",
+    f"| QEMU start to /healthz 200 (first boot) | {doc['healthz_after_s']} s |",
+    f"| systemd-analyze | {client['systemd_analyze']} |",
+    f"| service RSS idle (after first remember/recall) | {mb(client['rss_kb_idle'])} |",
+    f"| service RSS after {client['requests']} mixed requests | {mb(client['rss_kb_after'])} |",
+    f"| service cgroup memory.peak | {mb(client.get('cgroup_peak_kb'))} |",
+    f"| guest MemAvailable after load | {mb(client.get('mem_available_kb'))} |",
+    f"| requests: errors | {client['errors']} |",
+    f"| request latency p50 / p95 (emulated) | {client['latency_ms_p50']} / {client['latency_ms_p95']} ms |",
+]
+if doc["build"]:
+    lines += ["", "Build stages (s): " + ", ".join(f"{k} {v}" for k, v in doc["build"]["stages_s"].items())]
+if doc["provision_over_ssh"]:
+    p = doc["provision_over_ssh"]
+    lines += ["", f"Provision over SSH (ansible/site.yml against the booted image): {p['seconds']} s, changed={p['changed']}"]
+(out / f"{day}-image-qemu.md").write_text("\n".join(lines) + "\n")
+print(out / f"{day}-image-qemu.md")
+EOF
+log "boot test passed in $(( $(date +%s) - t_start )) s"

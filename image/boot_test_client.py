@@ -1,0 +1,130 @@
+"""Client half of image/boot-test.sh: API checks, a bounded mixed load, in-guest measurements over SSH.
+
+Reads BT_URL, BT_TOKEN, BT_REQUESTS, BT_SSH (the ssh command line, key included) from the environment and
+prints one JSON object. Talks only to the forwarded port on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+URL = os.environ["BT_URL"]
+TOKEN = os.environ["BT_TOKEN"]
+REQUESTS = int(os.environ.get("BT_REQUESTS", "1000"))
+SSH = shlex.split(os.environ["BT_SSH"])
+WORDS = ("river mountain coffee invoice printer garden battery meeting passport bicycle kernel sensor "
+         "recipe holiday password backup network camera violin tomato harbour winter ledger").split()
+
+
+def call(method: str, path: str, body: Optional[Dict[str, Any]] = None, auth: bool = True,
+         timeout: float = 120.0) -> Tuple[int, Any]:
+    """One HTTP request; returns (status, parsed JSON or text)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(URL + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if auth:
+        req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(errors="replace"), exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def guest(cmd: str) -> str:
+    """Run a shell command in the guest as admin (sudo where needed)."""
+    res = subprocess.run(SSH + [cmd], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"guest command failed: {cmd}: {res.stderr}")
+    return res.stdout.strip()
+
+
+def service_rss_kb() -> int:
+    """VmRSS of the service's main process, read inside the guest."""
+    pid = guest("systemctl show -p MainPID --value memento-edge.service")
+    return int(guest(f"sudo awk '/^VmRSS:/ {{print $2}}' /proc/{pid}/status"))
+
+
+def cgroup_kb(name: str) -> Optional[int]:
+    """A memory.* file of the service's cgroup in KiB (None when absent)."""
+    try:
+        return int(guest(f"cat /sys/fs/cgroup/system.slice/memento-edge.service/{name}")) // 1024
+    except (RuntimeError, ValueError):
+        return None
+
+
+def main() -> int:
+    """Check the API, measure, load, measure again; print JSON."""
+    out: Dict[str, Any] = {}
+    status, _ = call("GET", "/healthz", auth=False)
+    assert status == 200, f"/healthz {status}"
+    status, body = call("POST", "/v1/memories", {"text": "the spare key is under the blue flower pot"}, auth=False)
+    assert status == 401, f"unauthenticated write must be refused, got {status}"
+    status, body = call("POST", "/v1/memories", {"text": "the spare key is under the blue flower pot"})
+    assert status == 201 and "id" in body, f"remember: {status} {body}"
+    first_id = body["id"]
+    status, body = call("POST", "/v1/recall", {"query": "where is the house key?", "topk": 3})
+    assert status == 200 and body["hits"] and body["hits"][0]["id"] == first_id, f"recall: {status} {body}"
+    status, metrics = call("GET", "/metrics")
+    assert status == 200 and len(str(metrics)) > 0, f"/metrics {status}"
+    out["api_checks"] = "healthz 200, 401 without token, remember 201, recall top hit, /metrics 200"
+    out["systemd_analyze"] = guest("systemd-analyze time | head -1 | sed 's/^Startup finished in //'")
+    out["boot_file_after"] = guest("sudo cat /boot/firmware/memento-edge.txt")
+    assert TOKEN not in out["boot_file_after"], "API token not wiped from the boot partition"
+    out["root_fs_size"] = guest("df -h --output=size / | tail -1").strip()
+    out["rss_kb_idle"] = service_rss_kb()
+    out["unit_hardening"] = guest("systemd-analyze security memento-edge.service 2>/dev/null | tail -1")
+
+    rng = random.Random(42)
+    latencies: List[float] = []
+    errors = 0
+    t0 = time.monotonic()
+    for i in range(REQUESTS):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
+        kind = i % 10
+        t = time.monotonic()
+        if kind < 3:
+            status, body = call("POST", "/v1/memories", {"text": f"note {i}: {words}"})
+            ok = status == 201
+        elif kind < 9:
+            status, body = call("POST", "/v1/recall", {"query": words, "topk": 5})
+            ok = status == 200
+        else:
+            status, body = call("GET", "/metrics")
+            ok = status == 200
+        latencies.append((time.monotonic() - t) * 1000)
+        errors += 0 if ok else 1
+    out["requests"] = REQUESTS
+    out["mix"] = "30% remember, 60% recall (topk 5), 10% /metrics; sequential"
+    out["load_seconds"] = round(time.monotonic() - t0, 1)
+    out["errors"] = errors
+    lat = sorted(latencies)
+    out["latency_ms_p50"] = round(lat[len(lat) // 2], 1) if lat else None
+    out["latency_ms_p95"] = round(lat[int(len(lat) * 0.95)], 1) if lat else None
+    out["rss_kb_after"] = service_rss_kb()
+    out["cgroup_current_kb"] = cgroup_kb("memory.current")
+    out["cgroup_peak_kb"] = cgroup_kb("memory.peak")
+    out["mem_available_kb"] = int(guest("awk '/^MemAvailable:/ {print $2}' /proc/meminfo"))
+    out["mem_total_kb"] = int(guest("awk '/^MemTotal:/ {print $2}' /proc/meminfo"))
+    out["guest_ps_top"] = guest("ps -eo rss,comm --sort=-rss | head -8")
+    json.dump(out, sys.stdout, indent=2)
+    print()
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

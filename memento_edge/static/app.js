@@ -1,0 +1,344 @@
+/* memento-edge LAN page: plain JavaScript, no build step, no external assets.
+ *
+ * Rules this file keeps:
+ *  - memory text comes from agents and may hold markup or script: it is only ever written with
+ *    textContent / createTextNode, never innerHTML;
+ *  - the token lives in sessionStorage (this tab only) and travels only in the Authorization header,
+ *    never in a URL.
+ */
+(function () {
+  "use strict";
+
+  var TOKEN_KEY = "memento-edge.token";
+  var recentCursor = null;
+
+  function $(id) { return document.getElementById(id); }
+
+  // ---- token -----------------------------------------------------------------------------------
+  function getToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; }
+  }
+
+  function setToken(value) {
+    try {
+      if (value) { sessionStorage.setItem(TOKEN_KEY, value); } else { sessionStorage.removeItem(TOKEN_KEY); }
+    } catch (e) { /* storage disabled: the token then lasts until reload only */ }
+    memToken = value;
+    showTokenState();
+  }
+
+  var memToken = getToken();
+
+  function showTokenState() {
+    $("token-state").textContent = memToken ? "A token is set for this tab." : "No token set.";
+  }
+
+  // ---- API ---------------------------------------------------------------------------------------
+  function ApiError(status, code, message, field) {
+    this.status = status; this.code = code; this.message = message; this.field = field;
+  }
+
+  /** Call the JSON API; resolves with the parsed body, rejects with an ApiError. */
+  function api(method, path, body) {
+    var headers = { "Accept": "application/json" };
+    if (memToken) { headers["Authorization"] = "Bearer " + memToken; }
+    var init = { method: method, headers: headers, cache: "no-store", credentials: "same-origin" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(path, init).then(function (resp) {
+      return resp.text().then(function (text) {
+        var data = null;
+        try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+        if (resp.ok) { return data || {}; }
+        var err = (data && data.error) || {};
+        throw new ApiError(resp.status, err.code || "http_" + resp.status,
+                           err.message || resp.statusText || "request failed", err.field || null);
+      });
+    }, function () {
+      throw new ApiError(0, "network", "cannot reach the service", null);
+    });
+  }
+
+  function describeError(err) {
+    if (!(err instanceof ApiError)) { return "Unexpected error: " + String(err); }
+    if (err.status === 401) { return "Not authorised: enter a valid token above."; }
+    if (err.status === 403) { return "This token may not do that."; }
+    if (err.status === 429) { return "Too many requests: wait a moment and retry."; }
+    var text = err.message;
+    if (err.field) { text += " (" + err.field + ")"; }
+    return text;
+  }
+
+  function say(el, text, isError) {
+    el.textContent = text;
+    el.classList.toggle("err", !!isError);
+  }
+
+  // ---- helpers -----------------------------------------------------------------------------------
+  function parseTags(text) {
+    var seen = {}, out = [];
+    text.split(",").forEach(function (t) {
+      t = t.trim();
+      if (t && !seen[t]) { seen[t] = true; out.push(t); }
+    });
+    return out;
+  }
+
+  function parseNumber(text) {
+    if (text.trim() === "") { return null; }
+    var n = Number(text);
+    return isFinite(n) ? n : NaN;
+  }
+
+  function formatDate(iso) {
+    if (!iso) { return ""; }
+    var d = new Date(iso);
+    return isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
+  }
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined && text !== null) { node.textContent = String(text); }
+    return node;
+  }
+
+  /** One memory as a list item; `item.text` and every other field are set as text, never as HTML. */
+  function renderItem(item, withScore) {
+    var li = el("li", "hit");
+    li.setAttribute("data-id", String(item.id));
+    li.appendChild(el("p", "hit-text", item.text));
+    var meta = el("p", "meta");
+    if (withScore && typeof item.score === "number") {
+      meta.appendChild(el("span", "score", "score " + item.score.toFixed(3)));
+    }
+    meta.appendChild(el("span", null, "#" + item.id));
+    if (item.collection) { meta.appendChild(el("span", "coll", item.collection)); }
+    if (typeof item.importance === "number") {
+      meta.appendChild(el("span", null, "importance " + item.importance.toFixed(2)));
+    }
+    if (item.created_at) {
+      var time = el("time", null, formatDate(item.created_at));
+      time.setAttribute("datetime", String(item.created_at));
+      meta.appendChild(time);
+    }
+    (item.tags || []).forEach(function (t) { meta.appendChild(el("span", "tag", t)); });
+    var del = el("button", "link", "Delete");
+    del.type = "button";
+    del.setAttribute("aria-label", "Delete memory " + item.id);
+    del.addEventListener("click", function () { deleteMemory(item.id, li); });
+    meta.appendChild(del);
+    li.appendChild(meta);
+    return li;
+  }
+
+  function deleteMemory(id, li) {
+    if (!window.confirm("Delete memory #" + id + "?")) { return; }
+    api("DELETE", "/v1/memories/" + encodeURIComponent(id)).then(function () {
+      li.remove();
+    }, function (err) {
+      window.alert(describeError(err));
+    });
+  }
+
+  // ---- search ------------------------------------------------------------------------------------
+  function onSearch(ev) {
+    ev.preventDefault();
+    var status = $("search-status"), list = $("results");
+    var query = $("q").value.trim();
+    if (!query) { say(status, "Type something to search for.", true); return; }
+    var topk = parseNumber($("topk").value);
+    var body = { query: query, mode: $("mode").value, topk: topk === null || isNaN(topk) ? 10 : topk };
+    var filters = {};
+    var coll = $("f-collection").value.trim();
+    if (coll) { filters.collection = coll; }
+    var tags = parseTags($("f-tags").value);
+    if (tags.length) { filters[$("f-tags-all").checked ? "tags_all" : "tags_any"] = tags; }
+    var minImp = parseNumber($("f-min-imp").value);
+    if (minImp !== null) {
+      if (isNaN(minImp)) { say(status, "Minimum importance must be a number.", true); return; }
+      filters.min_importance = minImp;
+    }
+    if (Object.keys(filters).length) { body.filters = filters; }
+    say(status, "Searching...", false);
+    $("search-btn").disabled = true;
+    api("POST", "/v1/recall", body).then(function (res) {
+      list.textContent = "";
+      var hits = res.hits || [];
+      hits.forEach(function (h) { list.appendChild(renderItem(h, true)); });
+      var msg = hits.length + (hits.length === 1 ? " result" : " results");
+      if (res.mode) { msg += " (" + res.mode + ")"; }
+      if (typeof res.took_ms === "number") { msg += " in " + res.took_ms.toFixed(1) + " ms"; }
+      if (res.note) { msg += ". " + res.note; }
+      say(status, msg + ".", false);
+    }, function (err) {
+      list.textContent = "";
+      say(status, describeError(err), true);
+    }).then(function () { $("search-btn").disabled = false; });
+  }
+
+  // ---- add ---------------------------------------------------------------------------------------
+  function onAdd(ev) {
+    ev.preventDefault();
+    var status = $("add-status");
+    var text = $("add-text").value;
+    if (!text.trim()) { say(status, "Write the memory first.", true); return; }
+    var body = { text: text, tags: parseTags($("add-tags").value) };
+    var coll = $("add-collection").value.trim();
+    if (coll) { body.collection = coll; }
+    var imp = parseNumber($("add-imp").value);
+    if (imp !== null) {
+      if (isNaN(imp)) { say(status, "Importance must be a number.", true); return; }
+      body.importance = imp;
+    }
+    say(status, "Saving...", false);
+    $("add-btn").disabled = true;
+    api("POST", "/v1/memories", body).then(function (res) {
+      var msg = "Saved as #" + res.id + ".";
+      if (res.created === false) {
+        msg = "Already known as #" + (res.duplicate_of || res.id) + ".";
+      }
+      say(status, msg, false);
+      $("add-text").value = "";
+    }, function (err) {
+      say(status, describeError(err), true);
+    }).then(function () { $("add-btn").disabled = false; });
+  }
+
+  // ---- recent ------------------------------------------------------------------------------------
+  function loadRecent(more) {
+    var status = $("recent-status"), list = $("recent");
+    var path = "/v1/memories?limit=20";
+    if (more && recentCursor) { path += "&cursor=" + encodeURIComponent(recentCursor); }
+    say(status, "Loading...", false);
+    api("GET", path).then(function (res) {
+      if (!more) { list.textContent = ""; }
+      var items = res.items || res.memories || [];
+      items.forEach(function (m) { list.appendChild(renderItem(m, false)); });
+      recentCursor = res.next_cursor || null;
+      $("recent-more").hidden = !recentCursor;
+      say(status, list.children.length ? "" : "No memories yet.", false);
+    }, function (err) {
+      say(status, describeError(err), true);
+    });
+  }
+
+  // ---- stats -------------------------------------------------------------------------------------
+  /** Flatten a stats object into at most `limit` "a.b: value" rows. */
+  function flatten(obj, prefix, out, limit) {
+    Object.keys(obj || {}).forEach(function (k) {
+      if (out.length >= limit) { return; }
+      var v = obj[k], key = prefix ? prefix + "." + k : k;
+      if (v !== null && typeof v === "object" && !Array.isArray(v)) {
+        flatten(v, key, out, limit);
+      } else {
+        out.push([key, Array.isArray(v) ? v.join(", ") : String(v)]);
+      }
+    });
+    return out;
+  }
+
+  function get(obj, path) {
+    return path.split(".").reduce(function (o, k) { return o && typeof o === "object" ? o[k] : undefined; }, obj);
+  }
+
+  function formatBytes(n) {
+    if (typeof n !== "number") { return String(n); }
+    if (n >= 1048576) { return (n / 1048576).toFixed(1) + " MB"; }
+    if (n >= 1024) { return (n / 1024).toFixed(0) + " kB"; }
+    return n + " B";
+  }
+
+  /** The few numbers a person wants first; every row is skipped when the server does not report it. */
+  var SUMMARY = [
+    ["Memories", function (s) { return s.memories; }],
+    ["Database size", function (s) {
+      return s.db_bytes === undefined ? undefined : formatBytes(s.db_bytes) +
+        (s.wal_bytes ? " (+ " + formatBytes(s.wal_bytes) + " journal)" : "");
+    }],
+    ["Model", function (s) {
+      var state = s.model_state, backend = get(s, "embedder.backend");
+      return state === undefined ? undefined : state + (backend ? " (" + backend + ")" : "");
+    }],
+    ["Embedding cache hits", function (s) {
+      var rate = get(s, "embedder.cache.hit_rate");
+      return typeof rate === "number" ? (rate * 100).toFixed(0) + " %" : undefined;
+    }],
+    ["Service memory", function (s) {
+      var rss = get(s, "server.governor.rss_bytes");
+      return typeof rss === "number" ? formatBytes(rss) : undefined;
+    }],
+    ["Up for", function (s) {
+      var up = get(s, "server.uptime_seconds");
+      if (typeof up !== "number") { return undefined; }
+      var h = Math.floor(up / 3600), m = Math.floor((up % 3600) / 60);
+      return h ? h + " h " + m + " min" : m + " min";
+    }]
+  ];
+
+  function fill(dl, rows) {
+    dl.textContent = "";
+    rows.forEach(function (row) {
+      dl.appendChild(el("dt", null, row[0]));
+      dl.appendChild(el("dd", null, row[1]));
+    });
+  }
+
+  function loadStats() {
+    var status = $("stats-status");
+    say(status, "Loading...", false);
+    return api("GET", "/v1/stats").then(function (res) {
+      var summary = [];
+      SUMMARY.forEach(function (item) {
+        var v = item[1](res);
+        if (v !== undefined && v !== null) { summary.push([item[0], String(v)]); }
+      });
+      fill($("stats"), summary);
+      fill($("stats-all"), flatten(res, "", [], 200));
+      $("stats-more").hidden = false;
+      say(status, "", false);
+      return true;
+    }, function (err) {
+      fill($("stats"), []);
+      fill($("stats-all"), []);
+      $("stats-more").hidden = true;
+      say(status, describeError(err), true);
+      return false;
+    });
+  }
+
+  // ---- wiring ------------------------------------------------------------------------------------
+  function init() {
+    showTokenState();
+    $("token-form").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var value = $("token").value.trim();
+      $("token").value = "";
+      setToken(value);
+      if (value) {
+        loadStats().then(function (ok) {
+          $("token-state").textContent = ok ? "Token accepted." : "Token set, but the service refused it.";
+        });
+      }
+    });
+    $("token-clear").addEventListener("click", function () {
+      setToken("");
+      fill($("stats"), []);
+      fill($("stats-all"), []);
+      $("stats-more").hidden = true;
+    });
+    $("search-form").addEventListener("submit", onSearch);
+    $("add-form").addEventListener("submit", onAdd);
+    $("recent-btn").addEventListener("click", function () { loadRecent(false); });
+    $("recent-more").addEventListener("click", function () { loadRecent(true); });
+    $("stats-btn").addEventListener("click", loadStats);
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", init);
+  } else {
+    init();
+  }
+}());

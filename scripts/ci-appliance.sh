@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# What CI runs for the appliance (ansible/ + image/). Stages, each timed (seconds go to
+# .cache/ci-appliance-times.json and the log):
+#   setup     host tools (apt: mmdebstrap, qemu-user-static from bookworm-backports, qemu-system-arm, mtools,
+#             dosfstools, fdisk) + the Ansible venv (.cache/ansible-venv, pinned in ansible/requirements.txt)
+#   fast      pytest tests/test_ansible.py: syntax-check, ansible-lint (production profile), first-boot parser
+#   converge  MEMENTO_APPLIANCE=1 pytest tests/test_ansible.py: role into an arm64 rootfs twice (changed=0) + checks
+#   image     image/build.sh --profile ${MEMENTO_CI_IMAGE_PROFILE:-reduced}
+#   boot      image/boot-test.sh (QEMU, /healthz, remember/recall, RSS, systemd-analyze)
+#
+#   scripts/ci-appliance.sh [--setup|--fast|--no-image|--all]      default: --all
+#
+# MEMENTO_CI_IMAGE=0 skips image + boot (e.g. when the whole CI run would pass its time budget).
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+mode="${1:---all}"
+venv="$repo/.cache/ansible-venv"
+py="$repo/.venv/bin/python"
+times="$repo/.cache/ci-appliance-times.json"
+mkdir -p "$repo/.cache"
+log() { printf '[ci-appliance %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+declare -A took=()
+order=()
+stage() {
+  local name="$1"; shift
+  local t0; t0=$(date +%s)
+  log "== $name"
+  "$@"
+  took[$name]=$(( $(date +%s) - t0 ))
+  order+=("$name")
+  log "== $name done in ${took[$name]} s"
+}
+
+setup() {
+  local need=()
+  command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+  command -v mcopy >/dev/null || need+=(mtools)
+  command -v mkfs.vfat >/dev/null || need+=(dosfstools)
+  command -v sfdisk >/dev/null || need+=(fdisk)
+  command -v qemu-system-aarch64 >/dev/null || need+=(qemu-system-arm)
+  command -v qemu-img >/dev/null || need+=(qemu-utils)
+  command -v debugfs >/dev/null || need+=(e2fsprogs)
+  command -v update-binfmts >/dev/null || need+=(binfmt-support)
+  command -v ssh >/dev/null || need+=(openssh-client)
+  command -v arch-test >/dev/null || need+=(arch-test)
+  local qv
+  qv="$(qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p')"
+  if [ "${#need[@]}" -gt 0 ] || [ "${qv:-0}" -lt 8 ]; then
+    local bpo=/etc/apt/sources.list.d/memento-bookworm-backports.sources
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > "$bpo"
+    fi
+    timeout 600 apt-get update -qq
+    [ "${#need[@]}" -gt 0 ] && DEBIAN_FRONTEND=noninteractive timeout 1200 apt-get install -y -qq "${need[@]}"
+    # QEMU >= 8 user mode: 7.2 leaks the host's /proc/cpuinfo and onnxruntime crashes on import.
+    [ "${qv:-0}" -lt 8 ] && DEBIAN_FRONTEND=noninteractive timeout 1200 apt-get install -y -qq -t bookworm-backports qemu-user-static
+  fi
+  [ -e /proc/sys/fs/binfmt_misc/status ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64 || update-binfmts --enable
+  if ! "$venv/bin/ansible-playbook" --version >/dev/null 2>&1 || \
+     ! cmp -s "$repo/ansible/requirements.txt" "$venv/.requirements.txt"; then
+    /usr/bin/python3 -m venv "$venv"
+    timeout 1200 "$venv/bin/pip" install -q -r "$repo/ansible/requirements.txt"
+    cp "$repo/ansible/requirements.txt" "$venv/.requirements.txt"
+  fi
+  [ -f "$repo/models/minilm-int8/manifest.json" ] || timeout 1800 "$repo/scripts/build-model"
+}
+
+fast() { timeout 1200 "$py" -m pytest -q tests/test_ansible.py; }
+converge() { MEMENTO_APPLIANCE=1 timeout 3600 "$py" -m pytest -q tests/test_ansible.py -k 'converge or service or files or model or config or unit or installed'; }
+image() {
+  rm -f "$repo"/dist/memento_edge-*.whl
+  timeout 1200 "$py" -m pip wheel --no-deps -q -w "$repo/dist" "$repo"
+  timeout 5400 "$repo/image/build.sh" --profile "${MEMENTO_CI_IMAGE_PROFILE:-reduced}"
+}
+boot() { timeout 3000 "$repo/image/boot-test.sh" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}"; }
+
+write_times() {
+  {
+    printf '{'
+    local sep=""
+    for s in "${order[@]}"; do printf '%s"%s": %d' "$sep" "$s" "${took[$s]}"; sep=", "; done
+    printf '}\n'
+  } > "$times"
+  log "stage seconds: $(cat "$times")"
+}
+trap write_times EXIT
+
+stage setup setup
+case "$mode" in
+  --setup) ;;
+  --fast) stage fast fast ;;
+  --no-image) stage fast fast; stage converge converge ;;
+  --all)
+    stage fast fast
+    stage converge converge
+    if [ "${MEMENTO_CI_IMAGE:-1}" = 1 ]; then
+      stage image image
+      stage boot boot
+    fi
+    ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac

@@ -1,0 +1,312 @@
+"""Checks of the appliance's Ansible role (ansible/) and first-boot script (image/files/firstboot/).
+
+Fast checks (always run when the Ansible venv exists): ``ansible-playbook --syntax-check``, ``ansible-lint``
+(production profile, no skip list) and the first-boot file parser.
+
+Slow checks (``MEMENTO_APPLIANCE=1``, run by ``scripts/ci-appliance.sh``): converge the role into an
+emulated Debian bookworm arm64 root filesystem (mmdebstrap + qemu-user, ``community.general.chroot``
+connection), converge again and require ``changed=0``, then inspect the files, the user, the unit and the
+permissions it left. Needs root, binfmt_misc with qemu-aarch64, and the network to PyPI and Debian.
+
+The Ansible tools live in their own venv (``.cache/ansible-venv``; ``scripts/ci-appliance.sh --setup``
+makes it) so they never mix with the project's runtime dependencies.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Dict, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ANSIBLE_DIR = REPO / "ansible"
+ANSIBLE_VENV = Path(os.environ.get("MEMENTO_ANSIBLE_VENV", REPO / ".cache" / "ansible-venv"))
+ANSIBLE_BIN = ANSIBLE_VENV / "bin"
+FIRSTBOOT = REPO / "image" / "files" / "firstboot" / "memento-edge-firstboot.py"
+MODEL_DIR = Path(os.environ.get("MEMENTO_MODEL_SRC", REPO / "models" / "minilm-int8"))
+SLOW = os.environ.get("MEMENTO_APPLIANCE") == "1"
+
+needs_ansible = pytest.mark.skipif(
+    not (ANSIBLE_BIN / "ansible-playbook").exists(),
+    reason=f"no Ansible venv at {ANSIBLE_VENV}: run scripts/ci-appliance.sh --setup",
+)
+
+
+def _ansible_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(ANSIBLE_DIR / "ansible.cfg")
+    env["PATH"] = f"{ANSIBLE_BIN}:{env.get('PATH', '')}"
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env["ANSIBLE_FORCE_COLOR"] = "0"
+    return env
+
+
+# --- fast ---------------------------------------------------------------------------------------------------
+@needs_ansible
+def test_playbook_syntax_check() -> None:
+    """site.yml with the role parses (ansible-playbook --syntax-check)."""
+    res = subprocess.run([str(ANSIBLE_BIN / "ansible-playbook"), "--syntax-check", "site.yml"],
+                         cwd=ANSIBLE_DIR, env=_ansible_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@needs_ansible
+def test_ansible_lint_production_profile() -> None:
+    """ansible-lint passes at the strictest (production) profile with no rule skipped."""
+    res = subprocess.run([str(ANSIBLE_BIN / "ansible-lint"), "--profile", "production", "site.yml"],
+                         cwd=ANSIBLE_DIR, env=_ansible_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_role_variables_are_prefixed() -> None:
+    """Every default of the role is named memento_edge_* (no collisions with other roles)."""
+    defaults = (ANSIBLE_DIR / "roles/memento_edge/defaults/main.yml").read_text()
+    names = re.findall(r"^([A-Za-z_][A-Za-z0-9_]*):", defaults, flags=re.M)
+    assert names, "no variables found"
+    assert [n for n in names if not n.startswith("memento_edge_")] == []
+
+
+@pytest.fixture(scope="module")
+def firstboot():  # noqa: ANN201 - a module object
+    """The first-boot script imported as a module."""
+    spec = importlib.util.spec_from_file_location("memento_edge_firstboot", FIRSTBOOT)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_firstboot_parses_example_file(firstboot) -> None:  # noqa: ANN001
+    """The documented example parses into every key with no warnings (BOM and CRLF tolerated)."""
+    text = (REPO / "image/files/memento-edge.txt.example").read_text()
+    values, warnings = firstboot.parse("\ufeff" + text.replace("\n", "\r\n"))
+    assert warnings == []
+    assert values["hostname"] == ["memento-pi"]
+    assert values["wifi_country"] == ["DE"]
+    assert values["wifi_passphrase"] == ["correct horse battery staple"]
+    assert values["ssh_authorized_key"][0].startswith("ssh-ed25519 ")
+
+
+def test_firstboot_wipes_only_secrets(firstboot) -> None:  # noqa: ANN001
+    """After applying, passphrase and token are gone from the file; other lines stay."""
+    text = "hostname = pi\nwifi_passphrase = s3cret-pass\napi_token = tok-123456789012345\n# note\n"
+    wiped = firstboot.wipe_secrets(text)
+    assert "s3cret-pass" not in wiped and "tok-123456789012345" not in wiped
+    assert "hostname = pi" in wiped and "# note" in wiped
+    values, _ = firstboot.parse(wiped)
+    assert "wifi_passphrase" not in values and "api_token" not in values
+
+
+def test_firstboot_token_and_config(firstboot, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A token from the file lands in config.yaml as its sha256 only; with none, one is generated."""
+    cfg = tmp_path / "etc/memento-edge/config.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("port: 8077\ntokens: []\n")
+    monkeypatch.setattr(firstboot, "CONFIG", cfg)
+    monkeypatch.setattr(firstboot, "TOKEN_FILE", tmp_path / "etc/memento-edge/initial-token")
+    firstboot.ensure_some_token()
+    generated = (tmp_path / "etc/memento-edge/initial-token").read_text().strip()
+    cfg_text = cfg.read_text()
+    assert generated not in cfg_text
+    assert hashlib.sha256(generated.encode()).hexdigest() in cfg_text
+    firstboot.apply_token("a-token-from-the-boot-file-0123456789", "agent")
+    cfg_text = cfg.read_text()
+    assert "a-token-from-the-boot-file" not in cfg_text
+    assert hashlib.sha256(b"a-token-from-the-boot-file-0123456789").hexdigest() in cfg_text
+    assert "port: 8077" in cfg_text
+
+
+# --- slow: converge into an emulated arm64 root filesystem -----------------------------------------------------
+def _run_playbook(rootfs: Path, wheel: Path, log: Path) -> str:
+    inventory = rootfs.parent / "inventory.yml"
+    inventory.write_text(
+        "memento_edge:\n  hosts:\n"
+        f"    {rootfs}:\n      ansible_connection: community.general.chroot\n"
+        "      ansible_python_interpreter: /usr/bin/python3\n")
+    cmd = [str(ANSIBLE_BIN / "ansible-playbook"), "-i", str(inventory), "site.yml",
+           "-e", f"memento_edge_wheel_src={wheel}", "-e", f"memento_edge_model_src={MODEL_DIR}",
+           "-e", "memento_edge_pip_cert=/etc/ssl/certs/host-ca-bundle.crt",
+           "-e", "memento_edge_generated_token_file=/etc/memento-edge/initial-token"]
+    res = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=_ansible_env(), capture_output=True, text=True, timeout=3600)
+    log.write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, f"converge failed (log {log}):\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def _recap(stdout: str) -> Dict[str, int]:
+    line = [ln for ln in stdout.splitlines() if re.search(r"\bok=\d+", ln)][-1]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+
+
+@pytest.fixture(scope="module")
+def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
+    """Two converges of the role into a fresh minimal arm64 rootfs; yields paths and both outputs."""
+    if not SLOW:
+        pytest.skip("set MEMENTO_APPLIANCE=1")
+    assert os.geteuid() == 0, "the converge test needs root (chroot)"
+    assert (MODEL_DIR / "manifest.json").exists(), f"model dir {MODEL_DIR} missing: run scripts/build-model"
+    work = Path(os.environ.get("MEMENTO_CONVERGE_DIR", "")) or tmp_path_factory.mktemp("converge")
+    work.mkdir(parents=True, exist_ok=True)
+    dist = work / "dist"
+    dist.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
+                   check=True, timeout=600)
+    wheel = sorted(dist.glob("memento_edge-*.whl"))[-1]
+    tarball = work / "rootfs.tar"
+    subprocess.run([str(REPO / "image/rootfs.sh"), "minimal", str(tarball)], check=True, timeout=3600)
+    rootfs = work / "rootfs"
+    if rootfs.exists():
+        shutil.rmtree(rootfs)
+    rootfs.mkdir()
+    with tarfile.open(tarball) as tf:
+        tf.extractall(rootfs, numeric_owner=True)  # noqa: S202 - our own mmdebstrap output
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/host-ca-bundle.crt")
+    resolv = rootfs / "etc/resolv.conf"
+    if resolv.is_symlink() or resolv.exists():
+        resolv.unlink()
+    shutil.copy("/etc/resolv.conf", resolv)
+    mounts = [rootfs / "proc", rootfs / "dev"]
+    subprocess.run(["mount", "-t", "proc", "proc", str(mounts[0])], check=True)
+    subprocess.run(["mount", "--bind", "/dev", str(mounts[1])], check=True)
+    try:
+        first = _run_playbook(rootfs, wheel, work / "converge-1.log")
+        second = _run_playbook(rootfs, wheel, work / "converge-2.log")
+        yield {"rootfs": rootfs, "first": first, "second": second}
+    finally:
+        for m in reversed(mounts):
+            subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def _stat(path: Path) -> os.stat_result:
+    return path.lstat()
+
+
+def _owner(rootfs: Path, path: Path) -> str:
+    """user:group of ``path`` resolved with the rootfs's own passwd/group files."""
+    st = _stat(path)
+    users = {int(f[2]): f[0] for f in (ln.split(":") for ln in (rootfs / "etc/passwd").read_text().splitlines())}
+    groups = {int(f[2]): f[0] for f in (ln.split(":") for ln in (rootfs / "etc/group").read_text().splitlines())}
+    return f"{users.get(st.st_uid, st.st_uid)}:{groups.get(st.st_gid, st.st_gid)}"
+
+
+@pytest.mark.slow
+def test_first_converge_changes_and_succeeds(converged) -> None:  # noqa: ANN001
+    """The first converge into a fresh rootfs changes things and fails nothing."""
+    recap = _recap(converged["first"])
+    assert recap["failed"] == 0 and recap["unreachable"] == 0
+    assert recap["changed"] > 0
+
+
+@pytest.mark.slow
+def test_second_converge_changes_nothing(converged) -> None:  # noqa: ANN001
+    """Re-running the role is idempotent: changed=0."""
+    recap = _recap(converged["second"])
+    assert recap["failed"] == 0
+    assert recap["changed"] == 0, converged["second"][-4000:]
+
+
+@pytest.mark.slow
+def test_service_user_is_unprivileged(converged) -> None:  # noqa: ANN001
+    """memento-edge is a system user with no login shell and a locked password."""
+    root: Path = converged["rootfs"]
+    entry = [ln.split(":") for ln in (root / "etc/passwd").read_text().splitlines() if ln.startswith("memento-edge:")]
+    assert entry, "user memento-edge missing"
+    uid, shell = int(entry[0][2]), entry[0][6]
+    assert 0 < uid < 1000
+    assert shell == "/usr/sbin/nologin"
+    shadow = [ln.split(":") for ln in (root / "etc/shadow").read_text().splitlines() if ln.startswith("memento-edge:")]
+    assert shadow[0][1] in ("!", "*", "!*")
+
+
+@pytest.mark.slow
+def test_files_and_permissions(converged) -> None:  # noqa: ANN001
+    """Code and model are root-owned and read-only to the service; only the data dir is its own."""
+    root: Path = converged["rootfs"]
+    expect = {
+        "opt/memento-edge/venv/bin/memento-edge": ("root:root", None),
+        "opt/memento-edge/model": ("root:root", 0o755),
+        "var/lib/memento-edge": ("memento-edge:memento-edge", 0o750),
+        "var/lib/memento-edge/backups": ("memento-edge:memento-edge", 0o750),
+        "etc/memento-edge": ("root:memento-edge", 0o750),
+        "etc/memento-edge/config.yaml": ("root:memento-edge", 0o640),
+        "etc/memento-edge/initial-token": ("root:root", 0o600),
+        "etc/systemd/system/memento-edge.service": ("root:root", 0o644),
+        "etc/systemd/journald.conf.d/memento-edge.conf": ("root:root", 0o644),
+        "etc/avahi/services/memento.service": ("root:root", 0o644),
+    }
+    for rel, (owner, mode) in expect.items():
+        p = root / rel
+        assert p.exists(), f"/{rel} missing"
+        assert _owner(root, p) == owner, f"/{rel}: owner {_owner(root, p)}, want {owner}"
+        if mode is not None:
+            assert _stat(p).st_mode & 0o7777 == mode, f"/{rel}: mode {oct(_stat(p).st_mode & 0o7777)}"
+
+
+@pytest.mark.slow
+def test_model_matches_manifest(converged) -> None:  # noqa: ANN001
+    """Every file named in the model manifest is on the target with the same sha256; fp32/ is not copied."""
+    root: Path = converged["rootfs"]
+    manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
+    target = root / "opt/memento-edge/model"
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((target / name).read_bytes()).hexdigest() == digest, name
+    assert not (target / "fp32").exists()
+
+
+@pytest.mark.slow
+def test_config_holds_only_token_digest(converged) -> None:  # noqa: ANN001
+    """The generated token is shown once, stored root-only, and config.yaml holds only its sha256."""
+    import yaml
+
+    root: Path = converged["rootfs"]
+    token = (root / "etc/memento-edge/initial-token").read_text().strip()
+    cfg = yaml.safe_load((root / "etc/memento-edge/config.yaml").read_text())
+    assert token not in (root / "etc/memento-edge/config.yaml").read_text()
+    assert [t["sha256"] for t in cfg["tokens"]] == [hashlib.sha256(token.encode()).hexdigest()]
+    assert cfg["home"] == "/var/lib/memento-edge" and cfg["model_dir"] == "/opt/memento-edge/model"
+    assert token in converged["first"], "the generated token is shown to the operator on the first run"
+    assert token not in converged["second"], "a re-run neither regenerates nor shows the token"
+
+
+@pytest.mark.slow
+def test_config_loads_with_project_settings(converged) -> None:  # noqa: ANN001
+    """config.yaml uses only known settings: memento_edge.config.Settings.load accepts it."""
+    from memento_edge.config import Settings
+
+    root: Path = converged["rootfs"]
+    s = Settings.load(config_file=str(root / "etc/memento-edge/config.yaml"), env={})
+    assert s.port == 8077 and s.host == "0.0.0.0" and len(s.tokens) == 1
+
+
+@pytest.mark.slow
+def test_unit_is_hardened_and_enabled(converged) -> None:  # noqa: ANN001
+    """The unit runs unprivileged with the hardening list and a memory ceiling, and is enabled."""
+    root: Path = converged["rootfs"]
+    unit = (root / "etc/systemd/system/memento-edge.service").read_text()
+    for line in ("User=memento-edge", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                 "PrivateTmp=yes", "ReadWritePaths=/var/lib/memento-edge", "MemoryMax=200M",
+                 "Restart=on-failure", "CapabilityBoundingSet=",
+                 "ExecStart=/opt/memento-edge/venv/bin/memento-edge --config /etc/memento-edge/config.yaml serve"):
+        assert re.search(rf"^{re.escape(line)}$", unit, flags=re.M), line
+    wants = root / "etc/systemd/system/multi-user.target.wants/memento-edge.service"
+    assert wants.is_symlink(), "memento-edge.service is not enabled"
+    assert (root / "etc/systemd/system/timers.target.wants/memento-edge-backup.timer").is_symlink()
+
+
+@pytest.mark.slow
+def test_installed_package_runs_under_emulation(converged) -> None:  # noqa: ANN001
+    """The venv on the arm64 rootfs imports the package and its runtime deps (qemu-user)."""
+    root: Path = converged["rootfs"]
+    code = "import memento_edge, numpy, onnxruntime, tokenizers, sqlite_vec, flask, waitress, yaml, click; print('ok')"
+    res = subprocess.run(["chroot", str(root), "/opt/memento-edge/venv/bin/python", "-c", code],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
