@@ -99,3 +99,64 @@ def test_filtered_knn_widens_until_full(tmp_path):
 ])
 def test_fts_query_is_quoted_and_drops_stopwords(text, expected):
     assert fts_query(text) == expected
+
+
+def _exact_topk(vecs, q, k, allowed=None):
+    idx = np.arange(len(vecs)) if allowed is None else np.asarray(allowed)
+    s = vecs[idx] @ q
+    order = np.lexsort((idx, -s))[:k]
+    return [int(idx[i]) + 1 for i in order]
+
+
+def test_int8_cache_search_is_exact_after_rerank(tmp_path):
+    rng = np.random.default_rng(11)
+    vecs = _unit(rng, 2000)
+    s = Store(tmp_path / "c.db", vector_backend="sqlite-vec")
+    _fill(s, vecs)
+    c1 = [i for i in range(2000) if i % 3 == 1]
+    for q in _unit(rng, 20):
+        assert [i for i, _ in s.vector_search(q, 10)] == _exact_topk(vecs, q, 10)
+        assert [i for i, _ in s.vector_search(q, 10, {"collection": "c1"})] == _exact_topk(vecs, q, 10, c1)
+    assert s._vcache is not None and s._vcache.n == 2000
+    s.close()
+
+
+def test_int8_cache_follows_own_writes_and_other_processes(tmp_path):
+    rng = np.random.default_rng(5)
+    vecs = _unit(rng, 50)
+    a = Store(tmp_path / "g.db", vector_backend="sqlite-vec")
+    _fill(a, vecs[:40])
+    q = vecs[45]
+    a.vector_search(q, 5)  # builds the cache
+    gen_before = a._vcache.generation
+    # Another "process" (a second Store on the same file) adds the exact query vector.
+    b = Store(tmp_path / "g.db")
+    with b.writer() as conn:
+        new_id = b.insert(conn, {"text": "from b", "collection": "x", "tags": [], "metadata": {}}, vecs[45])
+    b.close()
+    assert a.vector_search(q, 1)[0][0] == new_id
+    assert a._vcache.generation != gen_before
+    # Own writes are applied incrementally (no rebuild) and deletes disappear at once.
+    gen = a._vcache.generation
+    with a.writer() as conn:
+        own = a.insert(conn, {"text": "own", "collection": "x", "tags": [], "metadata": {}}, vecs[46])
+    assert a._vcache.generation == gen + 1
+    assert a.vector_search(vecs[46], 1)[0][0] == own
+    a.delete(own)
+    assert all(i != own for i, _ in a.vector_search(vecs[46], 5))
+    a.close()
+
+
+def test_failed_transaction_leaves_cache_consistent(tmp_path):
+    rng = np.random.default_rng(9)
+    vecs = _unit(rng, 10)
+    s = Store(tmp_path / "r.db", vector_backend="sqlite-vec")
+    _fill(s, vecs[:5])
+    s.vector_search(vecs[0], 1)
+    with pytest.raises(RuntimeError):
+        with s.writer() as conn:
+            s.insert(conn, {"text": "rolled back", "collection": "x", "tags": [], "metadata": {}}, vecs[7])
+            raise RuntimeError("abort")
+    hits = s.vector_search(vecs[7], 10)
+    assert len(hits) == 5 and s._vcache.n == 5
+    s.close()
