@@ -347,11 +347,15 @@ class Memory:
             ranked = list(kw_hits)
         else:
             pool = max(HYBRID_POOL, topk * 4)
-            vec_hits = self.store.vector_search(qvec, pool, flt)
+            # Fusion uses ranks only, so the approximate vector pass suffices for the pool; the
+            # similarities shown are then computed exactly for the hits returned.
+            vec_hits = self.store.vector_search(qvec, pool, flt, exact=False)
             kw_hits = self.store.keyword_search(query, pool, flt)
             ranked = _rrf(vec_hits, kw_hits)[:topk]
         vrank = {i: n + 1 for n, (i, _) in enumerate(vec_hits)}
         vsim = dict(vec_hits)
+        if mode == "hybrid":
+            vsim = self.store.exact_similarities(qvec, [i for i, _ in ranked if i in vrank])
         krank = {i: n + 1 for n, (i, _) in enumerate(kw_hits)}
         rows = self.store.get_many([i for i, _ in ranked])
         hits = [Hit(**_record_fields(rows[i]), score=float(s), similarity=vsim.get(i), vector_rank=vrank.get(i), keyword_rank=krank.get(i))

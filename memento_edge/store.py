@@ -130,7 +130,11 @@ class _SqliteVecIndex(_VectorIndex):
     name = "sqlite-vec"
 
     def create(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS memory_vec USING vec0(embedding float[{self.dim}])")
+        # chunk_size 64 (default 1024): a point lookup walks the overflow chain of one chunk blob, so
+        # small chunks make the exact re-rank ~15x cheaper (0.5 ms -> 32 us per random id at 10k, under
+        # load) at the same bytes per row and KNN speed, and an empty database is 100 KB, not 1.6 MB.
+        conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS memory_vec USING vec0(embedding float[{self.dim}], "
+                     f"chunk_size=64)")
 
     def put(self, conn: sqlite3.Connection, ids: Sequence[int], vectors: np.ndarray) -> None:
         # vec0 has no upsert: delete first so update() and reindex() can reuse put().
@@ -191,12 +195,25 @@ class _SqliteVecIndex(_VectorIndex):
 
     @staticmethod
     def _exact(conn, qb: bytes, k: int, where: str, params: List[Any]) -> List[Tuple[int, float]]:
-        rows = conn.execute(
-            f"""SELECT v.rowid, vec_distance_l2(v.embedding, ?) AS d FROM memory_vec v
-                WHERE v.rowid IN (SELECT m.id FROM memories m WHERE {where}) ORDER BY d LIMIT ?""",
-            [qb, *params, k],
-        ).fetchall()
-        return [(int(r), 1.0 - (d * d) / 2.0) for r, d in rows]
+        ids = [r[0] for r in conn.execute(f"SELECT m.id FROM memories m WHERE {where}", params)]
+        return _point_distances(conn, qb, ids)[:k]
+
+
+def _point_distances(conn: sqlite3.Connection, qb: bytes, ids: Sequence[int]) -> List[Tuple[int, float]]:
+    """Exact cosine of the query with each id's vector, best first.
+
+    One ``rowid = ?`` query per id: vec0 answers a point lookup in microseconds but plans ``rowid IN
+    (...)`` as a full scan (measured 8 us vs 8.6 ms for 40 ids at 10k).
+    """
+    out: List[Tuple[int, float]] = []
+    for mid in ids:
+        row = conn.execute("SELECT vec_distance_l2(embedding, ?) FROM memory_vec WHERE rowid = ?",
+                           (qb, mid)).fetchone()
+        if row is not None:
+            d = row[0]
+            out.append((int(mid), 1.0 - (d * d) / 2.0))
+    out.sort(key=lambda t: (-t[1], t[0]))
+    return out
 
 
 class _NumpyIndex(_VectorIndex):
@@ -713,9 +730,13 @@ class Store:
         with self.reader() as c:
             return int(c.execute(f"SELECT count(*) FROM memories m WHERE {where}", params).fetchone()[0])
 
-    def vector_search(self, query: np.ndarray, k: int,
-                      filters: Optional[Mapping[str, Any]] = None) -> List[Tuple[int, float]]:
-        """Top ``k`` (id, cosine) by vector similarity among memories matching ``filters``."""
+    def vector_search(self, query: np.ndarray, k: int, filters: Optional[Mapping[str, Any]] = None,
+                      exact: bool = True) -> List[Tuple[int, float]]:
+        """Top ``k`` (id, cosine) by vector similarity among memories matching ``filters``.
+
+        ``exact=False`` lets the in-memory int8 pass answer alone (order and scores within ~1e-3 of
+        exact): enough for a candidate pool that is fused by rank anyway.
+        """
         index = self._require_vectors()
         with self.reader() as c:
             cand: Optional[Tuple[str, List[Any]]] = None
@@ -728,10 +749,25 @@ class Store:
                     return []
             if self._vcache is None or (n is not None and n <= _EXACT_FILTER_LIMIT):
                 return index.search(c, query, k, cand, n)
-            return self._cached_search(c, query, k, cand, n)
+            return self._cached_search(c, query, k, cand, n, exact)
+
+    def exact_similarities(self, query: np.ndarray, ids: Sequence[int]) -> Dict[int, float]:
+        """Exact cosine of ``query`` with each of ``ids``' stored vectors."""
+        index = self._require_vectors()
+        with self.reader() as c:
+            if isinstance(index, _SqliteVecIndex):
+                qb = np.ascontiguousarray(query, dtype=np.float32).tobytes()
+                return dict(_point_distances(c, qb, list(ids)))
+            out = {}
+            for mid in ids:
+                v = index.get(c, mid)
+                if v is not None:
+                    out[int(mid)] = float(v @ query)
+            return out
 
     def _cached_search(self, c: sqlite3.Connection, query: np.ndarray, k: int,
-                       cand: Optional[Tuple[str, List[Any]]], n: Optional[int]) -> List[Tuple[int, float]]:
+                       cand: Optional[Tuple[str, List[Any]]], n: Optional[int],
+                       exact: bool = True) -> List[Tuple[int, float]]:
         assert self._vcache is not None
         with self._cache_lock:
             gen = self._generation(c)
@@ -743,9 +779,13 @@ class Store:
         if total == 0:
             return []
         # Re-rank a margin of approximate candidates exactly: int8 scores may swap near-ties.
-        margin = max(4 * k, k + 32)
+        margin = max(4 * k, k + 32) if exact else k
+        score_of = dict(zip((int(i) for i in ids), scores.tolist())) if not exact else None
         if cand is None:
             top = np.argpartition(-scores, min(margin, total) - 1)[:margin] if total > margin else np.arange(total)
+            if not exact:
+                top = top[np.argsort(-scores[top], kind="stable")]
+                return [(int(ids[i]), float(scores[i])) for i in top[:k]]
             return self._rerank(c, query, [int(i) for i in ids[top]], k)
         where, params = cand
         want = max(margin, int(margin * total / max(n or 1, 1) * 2))
@@ -761,23 +801,15 @@ class Store:
             ok = _SqliteVecIndex._filter_ids(c, chosen, where, params) if chosen else set()
             found = [i for i in chosen if i in ok]
             if len(found) >= margin or kk >= total:
+                if score_of is not None:
+                    return [(i, score_of[i]) for i in found[:k]]
                 return self._rerank(c, query, found[:margin], k)
             want = kk * 8
 
     @staticmethod
     def _rerank(c: sqlite3.Connection, query: np.ndarray, ids: List[int], k: int) -> List[Tuple[int, float]]:
-        if not ids:
-            return []
         qb = np.ascontiguousarray(query, dtype=np.float32).tobytes()
-        exact: List[Tuple[int, float]] = []
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            rows = c.execute(
-                f"SELECT rowid, vec_distance_l2(embedding, ?) FROM memory_vec WHERE rowid IN "
-                f"({','.join('?' * len(part))})", [qb, *part]).fetchall()
-            exact.extend((int(r), 1.0 - (d * d) / 2.0) for r, d in rows)
-        exact.sort(key=lambda t: (-t[1], t[0]))
-        return exact[:k]
+        return _point_distances(c, qb, ids)[:k]
 
     def keyword_search(self, query: str, k: int,
                        filters: Optional[Mapping[str, Any]] = None) -> List[Tuple[int, float]]:
