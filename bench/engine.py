@@ -280,8 +280,11 @@ def settings_for(spec: Spec, home: Path, db_name: str = "memento.db", **override
     """Settings for a bench store in ``home`` (environment ignored: the bench measures defaults)."""
     from memento_edge.config import Settings
 
+    # spec["settings"]: profile-level overrides (the emulated profile lifts request_timeout, because a
+    # 20-text batch on the armv6 numpy fallback under qemu takes longer than the service's 30 s guard).
+    merged = {**(spec.get("settings") or {}), **overrides}
     return Settings.load(env={}, home=str(home), db=str(home / db_name), model_dir=spec["model_dir"],
-                         **overrides)
+                         **merged)
 
 
 def embedder_options(spec: Spec) -> Any:
@@ -379,7 +382,7 @@ def section_embedding(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[st
     emb.load()
     load_ms = now_ms() - t0
     res: Dict[str, Any] = {"backend": getattr(emb, "backend", "?"), "load_ms": load_ms}
-    for k in range(3):  # warm-up: first runs allocate arenas / caches
+    for k in range(int(params.get("warmup", 3))):  # warm-up: first runs allocate arenas / caches
         emb.embed_batch([gen_short(900_000 + k)])
         emb.embed_batch([gen_long(900_000 + k)])
         emb.embed_batch(gen_mixed_batch(900_000 + k))
@@ -395,7 +398,8 @@ def section_embedding(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[st
         return out
 
     res["uncached_short"] = summarize(timed(lambda i: emb.embed(gen_short(i)), reps))
-    res["uncached_long"] = summarize(timed(lambda i: emb.embed(gen_long(i)), max(5, reps // 2)))
+    long_reps = int(params.get("long_reps", max(5, reps // 2)))
+    res["uncached_long"] = summarize(timed(lambda i: emb.embed(gen_long(i)), long_reps))
     hot = gen_short(999_999)
     emb.embed(hot)
     res["cache_hit"] = summarize(timed(lambda i: emb.embed(hot), reps))
@@ -440,7 +444,7 @@ def section_store(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str, A
     # --- remember: one durable transaction per call on a small store ----------------------------
     mem = open_memory(settings_for(spec, work, "remember.db"), emb)
     try:
-        for i in range(10):
+        for i in range(int(params.get("remember_warmup", 10))):
             mem.remember(gen_text(50_000_000 + i), collection="bench")
         ms = []
         for i in range(remember_n):
@@ -483,7 +487,7 @@ def section_store(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str, A
             res["fill"]["db_bytes"][str(size)] = db_files_bytes(settings.db_path)
             per_mode: Dict[str, Any] = {}
             for mode in side_modes(spec):
-                for w in range(3):
+                for w in range(int(params.get("warmup", 3))):
                     mem.recall(gen_query(8_000_000 + qbase + w), topk=5, mode=mode)
                 qs = [gen_query(qbase + j) for j in range(queries)]
                 qbase += queries + 3
@@ -574,8 +578,9 @@ def section_stress(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str, 
     mem.close()
 
     mem = open_memory(settings_for(spec, work, "mixed.db"), emb)
-    fill(mem, base, base + 100, batch=100)
-    base += 100
+    mixed_fill = int(params.get("mixed_fill", 100))
+    fill(mem, base, base + mixed_fill, batch=100)
+    base += mixed_fill
     mode = recall_mode(spec, "hybrid")
 
     def reader(r: int) -> Callable[[], None]:
@@ -587,7 +592,7 @@ def section_stress(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str, 
     out = _run_threads([writer(w, base) for w in range(2)] + [reader(r) for r in range(3)], timeout=600)
     base += 2 * per
     out["count"] = mem.count()
-    out["expected"] = 100 + 2 * per
+    out["expected"] = mixed_fill + 2 * per
     res["mixed_2w3r"] = out
     mem.close()
 
@@ -694,7 +699,7 @@ def section_ablation(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str
     emb.load()
     load_ms = now_ms() - t
     after_load = proc_status()
-    for k in range(3):
+    for k in range(int(params.get("warmup", 3))):
         emb.embed_batch([gen_short(700_000 + k)])
         emb.embed_batch(gen_mixed_batch(700_000 + k))
 
@@ -707,8 +712,8 @@ def section_ablation(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str
         return summarize(ms)
 
     short = timed(lambda i: emb.embed_batch([gen_short(i)]), reps)
-    long = timed(lambda i: emb.embed_batch([gen_long(i)]), max(5, reps // 2))
-    batch = timed(lambda i: emb.embed_batch(gen_mixed_batch(i)), max(3, reps // 5))
+    long = timed(lambda i: emb.embed_batch([gen_long(i)]), max(2, reps // 2))
+    batch = timed(lambda i: emb.embed_batch(gen_mixed_batch(i)), max(2, reps // 5))
     return {"options": spec.get("options") or {}, "load_ms": load_ms, "rss_before_load": before,
             "rss_after_load": after_load, "rss_after": proc_status(), "short": short, "long": long,
             "batch20_ms_per_item": {k: v / 20.0 if k != "n" else v for k, v in batch.items()}}

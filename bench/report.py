@@ -64,7 +64,8 @@ def _side_err(section: Any, side: str) -> Optional[str]:
     if not isinstance(s, dict):
         return None
     if "skipped" in s:
-        return f"n/m ({s['skipped']})" if side == "baseline" else f"skipped: {s['skipped']}"
+        # The reason is printed once in the report header ("Baseline (seed-style): ... — reason").
+        return "n/m" if side == "baseline" else f"skipped: {s['skipped']}"
     if "error" in s:
         return "error"
     return None
@@ -97,8 +98,8 @@ def build_rows(results: Dict[str, Any]) -> List[Row]:
             "project": pv, "project_text": perr or fmt(pv, unit),
             "baseline": bv,
             "baseline_text": berr or (fmt(bv, unit) + baseline_note if bv is not None else "—"),
-            "status": "error" if perr == "error" else _status(pv, target[0], target[1], applicable)
-            if target else "",
+            "status": ("error" if perr == "error" else "not run" if perr == "not run"
+                       else _status(pv, target[0], target[1], applicable) if target else ""),
         })
 
     emb = "embedding"

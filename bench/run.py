@@ -42,16 +42,19 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     },
     "short": {
         "sizes": [100, 1000], "embed_reps": 50, "batch_reps": 8, "remember_reps": 30, "recall_queries": 50,
-        "pool": 500, "stress_inserts": [100, 500, 1000], "concurrent_each": 25, "cycles": 50,
+        "pool": 500, "stress_inserts": [100, 500], "concurrent_each": 25, "cycles": 50,
         "rss_ops": 1000, "import_n": 2000, "import_batch": 1000, "cold_runs": 3, "ablation_reps": 20,
         "quality": "full", "worker_timeout": 900,
     },
+    # qemu-user runs: every embedding is 10-50x slower under emulation, and the armv6 numpy-int8 fallback
+    # is slower still, so every count is tiny; LoCoMo only on request (--quality subset).
     "emulated": {
-        "sizes": [100, 1000], "embed_reps": 10, "batch_reps": 3, "remember_reps": 10, "recall_queries": 10,
-        "pool": 100, "stress_inserts": [20, 50, 100], "concurrent_each": 5, "cycles": 10,
-        "rss_ops": 200, "import_n": 500, "import_batch": 250, "cold_runs": 2, "ablation_reps": 5,
-        "quality": "subset", "quality_conversations": ["30"], "quality_max_questions": 40,
-        "worker_timeout": 7200,
+        "sizes": [100, 1000], "embed_reps": 3, "long_reps": 2, "batch_reps": 1, "warmup": 1,
+        "remember_reps": 3, "remember_warmup": 2, "recall_queries": 3, "pool": 10,
+        "stress_inserts": [5, 10, 20], "concurrent_each": 2, "mixed_fill": 10, "cycles": 3,
+        "rss_ops": 30, "import_n": 50, "import_batch": 25, "cold_runs": 1, "ablation_reps": 3,
+        "quality": "none", "quality_conversations": ["30"], "quality_max_questions": 20,
+        "worker_timeout": 3600, "request_timeout": 3600.0,
     },
 }
 
@@ -184,13 +187,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     model_dir = _model_dir(args)
     timeout = float(params["worker_timeout"])
 
+    settings_overrides: Dict[str, Any] = (
+        {"request_timeout": params["request_timeout"]} if params.get("request_timeout") else {})
     specs: Dict[str, engine.Spec] = {
-        "project": {"side": "project", "model_dir": model_dir, "fake": args.fake}}
+        "project": {"side": "project", "model_dir": model_dir, "fake": args.fake,
+                    "settings": settings_overrides}}
     baseline_skip: Optional[str] = None
     if args.skip_baseline:
         baseline_skip = "skipped (--skip-baseline)"
     else:
-        base_spec = {"side": "baseline", "model_dir": model_dir, "fake": args.fake}
+        base_spec = {"side": "baseline", "model_dir": model_dir, "fake": args.fake,
+                     "settings": settings_overrides}
         baseline_skip = engine.baseline_unavailable_reason(base_spec)
         if baseline_skip is None:
             specs["baseline"] = base_spec

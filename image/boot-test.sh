@@ -51,9 +51,10 @@ t_start=$(date +%s)
 # --- disk copy + first-boot file --------------------------------------------------------------------------
 cp --sparse=always "$img" "$work/disk.img"
 truncate -s +1G "$work/disk.img"
-read -r p1_start p2_start p2_size < <(sfdisk -d "$work/disk.img" | awk -F'[=,]' '
-  /start=/ { for (i=1;i<=NF;i++) { gsub(/ /,"",$i); if ($i=="start") s[++n]=$(i+1); if ($i=="size") z[n]=$(i+1) } }
-  END { print s[1], s[2], z[2] }')
+read -r p1_start p2_start p2_size < <(sfdisk -J "$work/disk.img" | "$py" -c '
+import json, sys
+p = json.load(sys.stdin)["partitiontable"]["partitions"]
+print(p[0]["start"], p[1]["start"], p[1]["size"])')
 ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
 token="$("$py" -c 'import secrets; print(secrets.token_urlsafe(32))')"
 cat > "$work/memento-edge.txt" <<EOF

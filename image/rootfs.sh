@@ -46,7 +46,9 @@ ensure_binfmt() {
   grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64
 }
 
-key="$( { echo "$profile $suite $mirror"; printf '%s\n' "${pkgs[@]}"; cat "$here/files/dpkg-excludes.cfg" "$0"; } \
+# Bump when the mmdebstrap invocation below changes meaningfully (the key covers packages and excludes).
+recipe_version=1
+key="$( { echo "$recipe_version $profile $suite $mirror"; printf '%s\n' "${pkgs[@]}"; cat "$here/files/dpkg-excludes.cfg"; } \
         | sha256sum | cut -c1-16)"
 cached="$cache/rootfs-$profile-$key.tar"
 mkdir -p "$cache"
@@ -56,7 +58,7 @@ if [ ! -s "$cached" ]; then
   t0=$(date +%s)
   # update-initramfs is diverted to /bin/true while packages install (the kernel and raspi-firmware would
   # each trigger a full initramfs build under emulation); image/build.sh builds it once at the end.
-  timeout 3600 mmdebstrap --variant=minbase --arch=arm64 --components=main,non-free-firmware \
+  timeout 3600 mmdebstrap --variant=minbase --arch=arm64 --format=tar --components=main,non-free-firmware \
     --dpkgopt="$here/files/dpkg-excludes.cfg" \
     --essential-hook='chroot "$1" dpkg-divert --local --rename --add /usr/sbin/update-initramfs' \
     --essential-hook='ln -sf /bin/true "$1/usr/sbin/update-initramfs"' \

@@ -143,13 +143,11 @@ def add_token_to_config(config_path: Union[str, Path], entry: Mapping[str, Any])
     :class:`InvalidInput` for a malformed entry or config file.
     """
     path = Path(config_path).expanduser()
-    checked = {
-        "name": _check_name(entry.get("name")),
-        "sha256": str(entry.get("sha256", "")),
-        "scopes": _check_scopes(entry.get("scopes", ())),
-    }
-    if not _HEX64_RE.match(checked["sha256"]):
+    digest = str(entry.get("sha256", ""))
+    if not _HEX64_RE.match(digest):
         raise InvalidInput("sha256 must be 64 lowercase hex digits", field="sha256")
+    checked: Dict[str, Any] = {"name": _check_name(entry.get("name")), "sha256": digest,
+                               "scopes": _check_scopes(entry.get("scopes", ()))}
     text, data = _read_config(path)
     tokens = data.get("tokens")
     if tokens is None:

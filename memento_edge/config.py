@@ -62,7 +62,9 @@ SETTINGS: List[Setting] = [
     Setting("cache_entries", int, 1000, "Embedding LRU cache: maximum entries."),
     Setting("cache_mb", float, 4.0, "Embedding LRU cache: maximum megabytes of vectors."),
     Setting("batch_token_budget", int, 2048,
-            "Largest padded-token count (batch x longest sequence) of one inference mini-batch."),
+            "Largest padded-token count (batch x longest sequence) of one mini-batch; only used with padded "
+            "batching (the int8 default embeds each text alone: batch-dependent activation scales would "
+            "otherwise change a text's vector)."),
     Setting("max_tokens", int, 256, "Token truncation length of the embedding model."),
     Setting("warmup", _bool, False, "Load the model in the background at start instead of on first use."),
     Setting("idle_unload_minutes", float, 0.0, "Unload the model after this many idle minutes (0 = never)."),

@@ -304,6 +304,8 @@ class Memory:
                 before = int(str(cursor))
             except ValueError:
                 raise InvalidInput("cursor is not one this service issued", field="cursor") from None
+            if not 0 < before <= _INT64:
+                raise InvalidInput("cursor is not one this service issued", field="cursor")
         rows = self.store.recent(collection, limit + 1, before)
         more = len(rows) > limit
         rows = rows[:limit]
@@ -584,7 +586,19 @@ def _tags(value: Any, fname: str) -> List[str]:
     return out
 
 
+_MIN_TS = 0.0                 # 1970-01-01
+_MAX_TS = 253402300799.0      # 9999-12-31T23:59:59Z: beyond it ISO-8601 output overflows
+_INT64 = 2**63 - 1
+
+
 def _timestamp(value: Any, fname: str) -> float:
+    ts = _parse_timestamp(value, fname)
+    if not _MIN_TS <= ts <= _MAX_TS:
+        raise InvalidInput(f"{fname} must be between 1970 and 9999", field=fname)
+    return ts
+
+
+def _parse_timestamp(value: Any, fname: str) -> float:
     if isinstance(value, bool):
         raise InvalidInput(f"{fname} must be an ISO-8601 time or Unix seconds", field=fname)
     if isinstance(value, (int, float)):
@@ -597,7 +611,7 @@ def _timestamp(value: Any, fname: str) -> float:
             text = text[:-1] + "+00:00"
         try:
             dt = datetime.fromisoformat(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InvalidInput(f"{fname} is not an ISO-8601 time: {value[:40]!r}", field=fname) from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
@@ -679,6 +693,8 @@ def _validate_filters(filters: Any) -> Dict[str, Any]:
                                        field=f"{fname}.{mk}")
                 if isinstance(mv, str):
                     _encodable(mv, f"{fname}.{mk}")
+                if isinstance(mv, int) and not isinstance(mv, bool) and abs(mv) > _INT64:
+                    raise InvalidInput("metadata filter integers must fit in 64 bits", field=f"{fname}.{mk}")
                 if isinstance(mv, float) and not math.isfinite(mv):
                     raise InvalidInput("metadata filter values must be finite", field=f"{fname}.{mk}")
                 md[mk] = mv

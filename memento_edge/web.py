@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -539,6 +539,7 @@ class _State:
                                  idle_unload_minutes=settings.idle_unload_minutes)
         # Striped locks serialise requests that share an idempotency key (check-then-act race).
         self.idem_locks = [threading.Lock() for _ in range(64)]
+        self.openapi_doc: Optional[Dict[str, Any]] = None
 
 
 def _state() -> _State:
@@ -689,10 +690,10 @@ def _make_v1() -> Blueprint:
     @query_params("collection", "limit", "cursor")
     def list_memories() -> Response:
         """Most recent first; ``cursor`` from the previous page's ``next_cursor``."""
-        limit = _query_int("limit", 20, 1, MAX_LIST_LIMIT)
+        limit = _query_int("limit", 20, 1, MAX_LIST_LIMIT) or 20
         collection = _query_str("collection", max_len=200)
         cursor = _query_str("cursor", max_len=200)
-        if cursor and not re.fullmatch(r"[0-9]{1,18}", cursor):
+        if cursor is not None and not re.fullmatch(r"[0-9]{1,18}", cursor):
             # Checked here as well: the engine's int() would pass a 30-digit cursor on to SQLite.
             raise ApiError(422, "invalid_input", "cursor is not one this service issued", field="cursor")
         page = _state().memory.recent(collection=collection or None, limit=limit, cursor=cursor or None)
@@ -768,7 +769,7 @@ def _make_v1() -> Blueprint:
         if q is None:
             raise _bad("missing query parameter 'q'", "q")
         kwargs: Dict[str, Any] = {"query": q}
-        topk = _query_int("topk", None, -INT64_MAX, INT64_MAX)
+        topk = _query_int("topk", None, 1, 100)  # the engine's bounds (architecture.md)
         if topk is not None:
             kwargs["topk"] = topk
         mode = _query_str("mode", max_len=20)
@@ -862,7 +863,7 @@ def _make_v1() -> Blueprint:
         else:
             spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)
             try:
-                st.memory.export_jsonl(_BytesOrTextWriter(spool))
+                st.memory.export_jsonl(_BytesOrTextWriter(spool))  # type: ignore[arg-type]
                 spool.seek(0)
             except BaseException:
                 spool.close()
@@ -908,8 +909,7 @@ def _make_v1() -> Blueprint:
                 _check_json_values(obj)
         with st.governor.embedding():
             result = st.memory.import_jsonl(io.StringIO(text))
-        data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-        return jsonify(data)
+        return jsonify(result.to_dict())
 
     @bp.post("/backup")
     @requires("admin")
@@ -1005,9 +1005,12 @@ def _register_app_routes(app: Flask) -> None:
     @requires(None)
     def openapi() -> Response:
         """The OpenAPI 3 description of this API."""
-        from .openapi import build_openapi
+        st = _state()
+        if st.openapi_doc is None:  # built once per app: it never changes while the app runs
+            from .openapi import build_openapi
 
-        return jsonify(build_openapi(__version__))
+            st.openapi_doc = build_openapi(__version__)
+        return jsonify(st.openapi_doc)
 
 
 def _readiness(st: _State) -> Dict[str, Any]:
@@ -1147,7 +1150,7 @@ def _register_hooks(app: Flask) -> None:
             raise ApiError(403, "forbidden", f"token {principal.name!r} lacks the {scope!r} scope")
         g.principal = principal
         if request.blueprint == "v1":
-            allowed = getattr(view, "query_params", frozenset())
+            allowed: FrozenSet[str] = getattr(view, "query_params", frozenset())
             for name in request.args:
                 if name not in allowed:
                     raise _bad(f"unknown query parameter {name!r}", name)
@@ -1175,7 +1178,7 @@ _CONVERTER_RE = re.compile(r"<(?:[^:<>]+:)?([^:<>]+)>")
 
 
 def route_template(rule: str) -> str:
-    """A Werkzeug rule as an OpenAPI path: ``/v1/memories/<int(max=...):memory_id>`` -> ``.../{memory_id}``."""
+    """A Werkzeug rule as an OpenAPI path: ``/v1/memories/<int:memory_id>`` -> ``.../{memory_id}``."""
     return _CONVERTER_RE.sub(r"{\1}", rule)
 
 
@@ -1216,7 +1219,12 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     """Run the service on Waitress until SIGINT/SIGTERM; close the database on the way out.
 
     Raises :class:`InvalidInput` before binding when the address/token combination is unsafe (see
-    :func:`memento_edge.auth.check_bind`).
+    :func:`memento_edge.auth.check_bind`). Also starts the governor's background tick (RSS check, idle
+    model unload) and, with ``settings.warmup``, loads the model in a background thread.
+
+    Waitress itself refuses bodies more than 1 KiB over ``max_body_bytes`` (a plain-text 413) before
+    buffering them, so an oversized upload costs neither memory nor SD-card writes; bodies just over
+    the cap reach the app and get the JSON 413.
     """
     from waitress.server import create_server
 

@@ -30,7 +30,8 @@ def test_create_token_returns_plaintext_once_and_a_hashed_entry() -> None:
 
 
 @pytest.mark.parametrize("name, scopes", [
-    ("", ["read"]), ("has space", ["read"]), ("x" * 65, ["read"]), ("ok", []), ("ok", ["root"]), ("ok", "read"),
+    ("", ["read"]), ("has space", ["read"]), ("x" * 65, ["read"]), ("ok", []), ("ok", ["root"]),
+    ("ok", "read"),
 ])
 def test_create_token_rejects_bad_names_and_scopes(name: str, scopes: Any) -> None:
     with pytest.raises(InvalidInput):
@@ -65,7 +66,8 @@ def test_token_table_compares_every_entry(monkeypatch) -> None:
 @pytest.mark.parametrize("entries", [
     [{"name": "a", "sha256": "xyz", "scopes": ["read"]}],
     [{"name": "a", "sha256": "0" * 64, "scopes": ["superuser"]}],
-    [{"name": "a", "sha256": "0" * 64, "scopes": ["read"]}, {"name": "a", "sha256": "1" * 64, "scopes": ["read"]}],
+    [{"name": "a", "sha256": "0" * 64, "scopes": ["read"]},
+     {"name": "a", "sha256": "1" * 64, "scopes": ["read"]}],
     ["not a mapping"],
     [{"sha256": "0" * 64, "scopes": ["read"]}],
 ])
@@ -82,7 +84,8 @@ def test_admin_grants_every_scope_other_scopes_are_explicit() -> None:
 
 
 @pytest.mark.parametrize("header, expected", [
-    ("Bearer abc", "abc"), ("bearer   abc ", "abc"), ("Basic abc", None), ("Bearer", None), ("", None), (None, None),
+    ("Bearer abc", "abc"), ("bearer   abc ", "abc"), ("Basic abc", None), ("Bearer", None), ("", None),
+    (None, None),
 ])
 def test_bearer_token_parsing(header: Optional[str], expected: Optional[str]) -> None:
     assert bearer_token(header) == expected

@@ -102,14 +102,18 @@ def test_baseline_unavailable_without_fp32_graph(tmp_path: Path) -> None:
 
 
 def test_report_marks_pass_fail_and_not_measurable() -> None:
-    results = {"sections": {
+    reason = "not measurable on this platform: onnxruntime not installed"
+    results = {"meta": {"baseline_skipped": reason}, "sections": {
         "embedding": {"project": {"uncached_short": {"median": 1.5}, "batch20_ms_per_item": {"median": 9.0}},
-                      "baseline": {"skipped": "not measurable on this platform: onnxruntime not installed"}},
+                      "baseline": {"skipped": reason}},
     }}
     rows = {r["metric"]: r for r in report.build_rows(results)}
     assert rows["Uncached embed, ~12 tokens: median"]["status"] == "PASS"
     assert rows["Batch of 20 mixed lengths: ms/item (median)"]["status"] == "FAIL"
-    assert "not measurable" in rows["Uncached embed, ~12 tokens: median"]["baseline_text"]
+    assert rows["Uncached embed, ~12 tokens: median"]["baseline_text"] == "n/m"
+    assert rows["Cold start: new process → first embedding (median)"]["status"] == "not run"
+    md = report.render_markdown(results, list(rows.values()), "no plot")
+    assert reason in md
 
 
 def test_bench_runs_end_to_end_with_fake_embedder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

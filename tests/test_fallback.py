@@ -13,7 +13,6 @@ checkout. They fail, not skip, when either is missing (the ``model_dir`` fixture
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -88,7 +87,7 @@ _POOLS = {
     "indic_thai": [chr(c) for c in range(0x900, 0x980)] + [chr(c) for c in range(0xE00, 0xE60)],
     "emoji": list("😀🥰🤖🎉👍🏽👨‍👩‍👧🇩🇪🇯🇵❤️✨🧠🫠🪿") + ["\u200d", "\ufe0f", "\U0001F3FB"],
     "invisible": ["\u200b", "\u200c", "\u200d", "\ufeff", "\u2060", "\u00ad", "\u034f", "\u180e"],
-    "control": [chr(c) for c in range(0, 0x20)] + [chr(c) for c in range(0x7F, 0xA0)] + ["\ufffd"],
+    "control": [chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)] + ["\ufffd"],
     "space": ["\u00a0", "\u1680", "\u2000", "\u2003", "\u2009", "\u200a", "\u2028", "\u2029", "\u202f",
               "\u205f", "\u3000", "\x1c", "\x1f", "\x85", "\x0b", "\x0c", "\t", "\n", "\r"],
     "symbols": list("€£¥©®™°±×÷→⇒∀∑√∞≈≠≤≥①②ⅣⅫ½¾¹²³µ¶§«»“”‘’‹›„‚…‰′″‽⁂※〈〉【】「」『』〜・")
@@ -262,7 +261,7 @@ def test_unsupported_tokenizer_files_are_refused(tokenizer_config: Dict[str, Any
 # being exactly as faithful to the fp32 model as onnxruntime's int8 output is.
 
 def _embedding_texts() -> List[str]:
-    """308 texts: a spread of LoCoMo turns, generated Unicode, and texts past 256 tokens."""
+    """306 texts: a spread of LoCoMo turns, generated Unicode, and texts past 256 tokens."""
     locomo = _locomo_texts()
     return locomo[::17][:250] + _generated_texts(30, seed=5) + _long_texts(locomo, 30, seed=9)[:28]
 
@@ -374,7 +373,7 @@ def test_unload_reload_and_cache(model_dir: Path) -> None:
 def test_missing_model_dir_raises_model_unavailable(tmp_path: Path) -> None:
     emb = NumpyEmbedder(Settings(model_dir=str(tmp_path / "nowhere")))
     with pytest.raises(ModelUnavailable, match="memento-edge model build"):
-        emb.fingerprint
+        _ = emb.fingerprint
     with pytest.raises(ModelUnavailable, match="memento-edge model build"):
         emb.embed("hello")
     assert emb.stats()["fingerprint"] is None and not emb.loaded
@@ -405,8 +404,44 @@ _BLOCKED_IMPORTS = textwrap.dedent("""
 def test_works_with_onnxruntime_and_tokenizers_blocked(model_dir: Path, numpy_embedder: NumpyEmbedder) -> None:
     text = "What did Caroline research?"
     proc = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORTS, str(model_dir), text],
-                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO), check=False)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["backend"] == "numpy-int8" and out["loaded"] == []
     assert np.array_equal(np.asarray(out["vector"], dtype=np.float32), numpy_embedder.embed(text))
+
+
+def test_board_integer_path_gives_the_same_bits(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The board multiplies in int32, x86 in float32 BLAS (exact by construction); both must agree.
+    from memento_edge import fallback
+
+    tokenizer = WordPieceTokenizer.from_file(model_dir / "tokenizer.json")
+    model = fallback._Int8Bert(model_dir)
+    texts = ["hi", "Caroline: I went to a LGBTQ support group yesterday and it was so powerful.",
+             "Melanie painted a sunrise over the lake last summer. " * 30]
+    ids = [tokenizer.token_ids(t) for t in texts]
+    assert max(len(i) for i in ids) == 256
+    default = [model.forward(i) for i in ids]
+    monkeypatch.setattr(fallback, "_EXACT", np.dtype(np.int32))
+    for i, want in zip(ids, default):
+        assert np.array_equal(model.forward(i), want)
+
+
+def test_board_fixed_point_attention_stays_in_the_band(model_dir: Path, vectors: Dict[str, np.ndarray],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # On armel the two float attention products run in int64 fixed point (soft-float BLAS is ~3x
+    # slower there). That is a rounding change, not bit equality: it must stay as close to
+    # onnxruntime, and to fp32, as the float path does.
+    from memento_edge import fallback
+
+    monkeypatch.setattr(fallback, "_FIXED_POINT", True)
+    tokenizer = WordPieceTokenizer.from_file(model_dir / "tokenizer.json")
+    model = fallback._Int8Bert(model_dir)
+    long_ = vectors["ids_len"] == 256
+    pick = np.flatnonzero(long_ | (np.arange(len(long_)) % 3 == 0))   # a third of the rest, all long ones
+    fixed = np.array([model.forward(tokenizer.token_ids(str(t))) for t in vectors["texts"][pick]])
+    ours = _cos(fixed, vectors["onnxruntime"][pick])
+    assert ours.mean() >= 0.999 and ours.min() >= 0.99, (ours.mean(), ours.min())
+    assert _cos(fixed, vectors["numpy"][pick]).mean() >= 0.999
+    to_fp32, ort_to_fp32 = _cos(fixed, vectors["fp32"][pick]), _cos(vectors["onnxruntime"][pick], vectors["fp32"][pick])
+    assert to_fp32.mean() >= ort_to_fp32.mean() - 0.0005

@@ -327,3 +327,17 @@ def test_recall_many(fake_memory):
     assert [len(r.hits) for r in out] == [1, 1]
     with pytest.raises(InvalidInput):
         fake_memory.recall_many([{"query": "x", "bogus": 1}])
+
+
+@pytest.mark.parametrize("call,field", [
+    (lambda m: m.remember_many([{"text": "x", "created_at": 1e300}]), "created_at"),
+    (lambda m: m.remember_many([{"text": "x", "created_at": -5}]), "created_at"),
+    (lambda m: m.recall("x", filters={"since": 1e300}), "filters.since"),
+    (lambda m: m.recent(cursor="9" * 30), "cursor"),
+    (lambda m: m.recall("x", filters={"metadata": {"n": 10**30}}), "filters.metadata.n"),
+])
+def test_out_of_range_numbers_are_invalid_input_not_crashes(fake_memory, call, field):
+    """Found by schemathesis: values SQLite or datetime cannot hold must be refused up front."""
+    with pytest.raises(InvalidInput) as err:
+        call(fake_memory)
+    assert err.value.field == field

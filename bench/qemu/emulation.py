@@ -61,7 +61,7 @@ def run_check(host: Dict[str, Any], guest: Dict[str, Any], backend: str, need_ve
         "ok": not failures,
         "failures": failures,
         "golden_sentence": guest.get("sentence"),
-        "golden_cosine": round(cos, 6),
+        "golden_cosine": round(cos, 7),
         "min_cosine": MIN_COSINE,
         "host_backend": host.get("backend"),
         "guest_backend": guest.get("backend"),
@@ -108,8 +108,16 @@ def speed_ratios(result: Dict[str, Any]) -> Dict[str, Any]:
         p, b = _get(proj, key, "median"), _get(base, key, "median")
         if isinstance(p, (int, float)) and isinstance(b, (int, float)) and p > 0:
             out[key] = {"int8_ms": round(p, 2), "fp32_ms": round(b, 2), "fp32_over_int8": round(b / p, 2)}
+    cp, cb = _get(result, "sections", "cold_start", "project", "median_ms"), \
+        _get(result, "sections", "cold_start", "baseline", "median_ms")
+    if isinstance(cp, (int, float)) and isinstance(cb, (int, float)) and cp > 0:
+        # Process start + import + model load + first embed: a load-dominated ratio.
+        out["cold_start"] = {"int8_ms": round(cp, 2), "fp32_ms": round(cb, 2),
+                             "fp32_over_int8": round(cb / cp, 2)}
     if not out:
-        reason = base.get("skipped") or base.get("error") or proj.get("error") or "embedding section missing"
+        reason = (base.get("skipped") or base.get("error") or proj.get("error")
+                  or _get(result, "meta", "baseline_skipped")
+                  or "embedding section not run (and no cold_start on both sides)")
         out["unavailable"] = str(reason)
     out["int8_backend"] = proj.get("backend")
     out["fp32_backend"] = base.get("backend")
@@ -177,6 +185,7 @@ def markdown(emu: Dict[str, Any]) -> str:
         f"(min {g.get('min_cosine')}): {verdict} |",
         f"| sqlite-vec | {vec_txt} |",
         f"| FTS5 | {'yes' if g.get('guest_fts5') else 'no'} |",
+        f"| guest config.yaml | `{emu.get('guest_config') or '-'}` |",
         f"| wall time | setup {emu['wall_seconds']['setup']} s, bench {emu['wall_seconds']['bench']} s |",
         "",
         "### int8 vs fp32 under emulation", "",
@@ -261,6 +270,7 @@ def main(argv: List[str]) -> int:
     a.add_argument("--setup-seconds", type=int)
     a.add_argument("--bench-seconds", type=int)
     a.add_argument("--bench-exit", type=int, default=0)
+    a.add_argument("--guest-config", default="", help="settings written to the guest's config.yaml")
     v = sub.add_parser("verify", help="CI verdict on a finished run (exit 1 on any problem)")
     v.add_argument("prefix", help="result prefix, e.g. bench/results/2026-01-01-armv6-qemu")
     args = ap.parse_args(argv)
@@ -292,6 +302,7 @@ def main(argv: List[str]) -> int:
     baseline = json.loads(Path(args.baseline).read_text())
     emu = annotate(result, check, baseline, args.qemu_version, args.cpu, args.arch, args.setup_seconds,
                    args.bench_seconds, args.bench_exit)
+    emu["guest_config"] = args.guest_config
     result["emulation"] = emu
     tmp = result_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

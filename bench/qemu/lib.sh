@@ -15,6 +15,8 @@ DEBIAN_MIRROR="${MEMENTO_QEMU_MIRROR:-http://deb.debian.org/debian}"
 HOST_PYTHON="${MEMENTO_HOST_PYTHON:-$REPO_ROOT/.venv/bin/python}"
 # Where the int8 model dir is taken from (platform-neutral; copied into the rootfs).
 MODEL_SRC="${MEMENTO_QEMU_MODEL_DIR:-${MEMENTO_MODEL_DIR:-$REPO_ROOT/models/minilm-int8}}"
+# request_timeout written into the guest's /etc/memento-edge/config.yaml (seconds).
+GUEST_REQUEST_TIMEOUT="${MEMENTO_QEMU_REQUEST_TIMEOUT:-900}"
 
 log() { printf '[qemu %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -155,6 +157,12 @@ stage_project() {
     tar -C "$REPO_ROOT" --exclude=bench/qemu --exclude=bench/results --exclude=__pycache__ -cf - bench \
         | tar -C "$dst/src" -xf -
     cp "$QEMU_DIR/guest_check.py" "$dst/guest_check.py"
+    # The guest's device config: emulation is 10-100x slower than the board, so the embedder's
+    # request_timeout (30 s by default; the bench reads /etc/memento-edge/config.yaml and no env)
+    # would stop long-text embeds. Only this setting differs; the emulation block records it.
+    mkdir -p "$root/etc/memento-edge"
+    printf '# written by bench/qemu/lib.sh: emulated runs only\nrequest_timeout: %s\n' \
+        "$GUEST_REQUEST_TIMEOUT" >"$root/etc/memento-edge/config.yaml"
     cp -a "$MODEL_SRC" "$dst/src/models/minilm-int8"
     # LoCoMo dev data for the quality section: bench.quality looks beside the checkout (src/..).
     local cand
@@ -243,7 +251,7 @@ run_target() {
     "$HOST_PYTHON" "$QEMU_DIR/emulation.py" annotate "$out_base.json" "$out_base.md" \
         --check "$work/check.json" --baseline "$work/baseline.json" --qemu-version "$(qemu_version_string)" \
         --cpu "$T_CPU" --arch "$T_ARCH" --setup-seconds "$t_setup" --bench-seconds "$t_bench" \
-        --bench-exit "$rc" || die "annotating $out_base.json failed"
+        --bench-exit "$rc" --guest-config "request_timeout: $GUEST_REQUEST_TIMEOUT" || die "annotating $out_base.json failed"
     rm -rf "$work"
     log "wrote $out_base.json and $out_base.md (bench exit $rc, ${t_bench}s; total $(( $(date +%s) - t0 ))s)"
     [ "$rc" = 0 ] || return 4
