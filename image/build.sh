@@ -2,7 +2,7 @@
 # Build the flashable Raspberry Pi Zero 2 W image:
 #     image/out/memento-edge-<version>-pizero2w-arm64.img.xz  (+ .sha256)
 #
-#   image/build.sh [--profile full|reduced] [--no-xz] [--keep-rootfs]
+#   image/build.sh [--profile full|reduced] [--no-xz] [--reuse-rootfs]
 #
 # Recipe: Debian bookworm arm64 (mmdebstrap under qemu-user) -> the Ansible role through the
 # community.general.chroot connection -> appliance files (first boot, SSH, network) -> one initramfs build
@@ -26,11 +26,14 @@ ansible_venv="${MEMENTO_ANSIBLE_VENV:-$repo/.cache/ansible-venv}"
 profile=full
 do_xz=1
 keep_rootfs=1
+# --reuse-rootfs: start from image/out/work/rootfs left by the previous build (the role re-converges it,
+# e.g. with a new wheel) instead of a fresh copy of the cached base tarball. For development only.
+reuse_rootfs=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --no-xz) do_xz=0; shift ;;
-    --keep-rootfs) keep_rootfs=1; shift ;;
+    --reuse-rootfs) reuse_rootfs=1; shift ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -42,13 +45,13 @@ log() { printf '[image %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 declare -A stage_s=()
 stage_order=()
 stage() {  # stage NAME COMMAND...: run and time one stage
-  local name="$1"; shift
+  local stage_name="$1"; shift
   local t0; t0=$(date +%s)
-  log "stage $name ..."
+  log "stage $stage_name ..."
   "$@"
-  stage_s[$name]=$(( $(date +%s) - t0 ))
-  stage_order+=("$name")
-  log "stage $name done in ${stage_s[$name]} s"
+  stage_s[$stage_name]=$(( $(date +%s) - t0 ))
+  stage_order+=("$stage_name")
+  log "stage $stage_name done in ${stage_s[$stage_name]} s"
 }
 
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)}"
@@ -69,11 +72,10 @@ in_root() { chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin 
 
 # --- stage: inputs ----------------------------------------------------------------------------------------
 inputs() {
-  wheel="$(ls -1 "$repo"/dist/memento_edge-"$version"-py3-none-any.whl 2>/dev/null | tail -1 || true)"
-  if [ -z "$wheel" ]; then
-    "$repo/.venv/bin/python" -m pip wheel --no-deps -q -w "$repo/dist" "$repo"
-    wheel="$(ls -1 "$repo"/dist/memento_edge-"$version"-py3-none-any.whl | tail -1)"
-  fi
+  # Always a fresh wheel of the working tree (a stale dist/ wheel would ship old code).
+  rm -rf "$work/dist"
+  "$repo/.venv/bin/python" -m pip wheel --no-deps -q -w "$work/dist" "$repo"
+  wheel="$(ls -1 "$work"/dist/memento_edge-"$version"-py3-none-any.whl | tail -1)"
   model="${MEMENTO_MODEL_SRC:-$repo/models/minilm-int8}"
   [ -f "$model/manifest.json" ] || { log "model dir $model missing: run scripts/build-model"; exit 1; }
   [ -x "$ansible_venv/bin/ansible-playbook" ] || {
@@ -86,6 +88,10 @@ inputs() {
 # --- stage: rootfs (cached tarball) -> work dir -----------------------------------------------------------
 rootfs_stage() {
   cleanup_mounts
+  if [ "$reuse_rootfs" = 1 ] && [ -x "$rootfs/usr/bin/python3" ]; then
+    log "reusing $rootfs"
+    return
+  fi
   rm -rf "$rootfs"
   mkdir -p "$rootfs"
   "$here/rootfs.sh" full "$work/rootfs.tar"
@@ -151,9 +157,13 @@ initramfs() {
 # zstd: smaller and far faster to unpack on a Cortex-A53 than gzip.
 COMPRESS=zstd
 EOF
-  rm -f "$rootfs/usr/sbin/update-initramfs"
-  in_root dpkg-divert --local --rename --remove /usr/sbin/update-initramfs
-  in_root update-initramfs -c -k all
+  if in_root dpkg-divert --list /usr/sbin/update-initramfs | grep -q local; then
+    rm -f "$rootfs/usr/sbin/update-initramfs"
+    in_root dpkg-divert --local --rename --remove /usr/sbin/update-initramfs
+    in_root update-initramfs -c -k all
+  else
+    log "initramfs already built (reused rootfs)"
+  fi
   ls -la "$rootfs/boot" "$rootfs/boot/firmware" >&2
   [ -f "$rootfs/boot/firmware/config.txt" ] || { log "raspi-firmware hook wrote no config.txt"; exit 1; }
 }

@@ -780,7 +780,7 @@ class Store:
             return []
         # Re-rank a margin of approximate candidates exactly: int8 scores may swap near-ties.
         margin = max(4 * k, k + 32) if exact else k
-        score_of = dict(zip((int(i) for i in ids), scores.tolist())) if not exact else None
+
         if cand is None:
             top = np.argpartition(-scores, min(margin, total) - 1)[:margin] if total > margin else np.arange(total)
             if not exact:
@@ -801,7 +801,8 @@ class Store:
             ok = _SqliteVecIndex._filter_ids(c, chosen, where, params) if chosen else set()
             found = [i for i in chosen if i in ok]
             if len(found) >= margin or kk >= total:
-                if score_of is not None:
+                if not exact:
+                    score_of = dict(zip(chosen, scores[order].tolist()))
                     return [(i, score_of[i]) for i in found[:k]]
                 return self._rerank(c, query, found[:margin], k)
             want = kk * 8

@@ -341,3 +341,16 @@ def test_out_of_range_numbers_are_invalid_input_not_crashes(fake_memory, call, f
     with pytest.raises(InvalidInput) as err:
         call(fake_memory)
     assert err.value.field == field
+
+
+def test_fusion_normalises_each_side_and_keeps_score_gaps():
+    from memento_edge.memory import _fuse
+
+    vec = [(1, 0.90), (2, 0.89), (3, 0.30)]
+    kw = [(3, 12.0), (2, 11.0), (9, 1.0)]
+    fused = dict(_fuse(vec, kw))
+    # 2 is near the top of both lists; 1 only of the vector one; 9 is weak on one side only.
+    assert max(fused, key=fused.get) == 2
+    assert fused[9] == 0.0 and set(fused) == {1, 2, 3, 9}
+    assert all(0.0 <= v <= 1.0 for v in fused.values())
+    assert _fuse([], []) == []

@@ -98,7 +98,8 @@ def test_check_fails_when_sqlite_vec_computes_garbage() -> None:
 
 def test_check_armv6_needs_no_vec_but_needs_fts5() -> None:
     host = _probe([1.0, 0.0])
-    ok, _ = emulation.run_check(host, _probe([1.0, 0.0], backend="numpy-int8"), "numpy-int8", False, "arm1176")
+    ok, _ = emulation.run_check(host, _probe([1.0, 0.0], backend="numpy-int8"), "numpy-int8", False,
+                                "arm1176")
     assert ok
     ok, facts = emulation.run_check(host, _probe([1.0, 0.0], backend="numpy-int8", fts5=False), "numpy-int8",
                                     False, "arm1176")
@@ -168,3 +169,13 @@ def test_guest_baseline_probe_reports_rss_and_missing_modules() -> None:
     out = json.loads(proc.stdout)
     assert out["imported"] == ["sqlite3"] and out["missing"] == ["no_such_module_xyz"]
     assert out["rss"]["vmrss_kib"] > 0
+
+
+def test_speed_ratio_from_store_vector_recall_of_a_new_query() -> None:
+    vec = {"vector": {"uncached": {"median": 40.0}}}
+    fp32 = {"vector": {"uncached": {"median": 100.0}}}
+    result = {"sections": {"store": {"project": {"recall": {"100": vec, "1000": vec}},
+                                     "baseline": {"recall": {"100": fp32}}}}}
+    ratios = emulation.speed_ratios(result)
+    assert ratios["vector_recall_new_query_at_100"]["fp32_over_int8"] == 2.5
+    assert "vector_recall_new_query_at_1000" not in ratios

@@ -114,6 +114,16 @@ def speed_ratios(result: Dict[str, Any]) -> Dict[str, Any]:
         # Process start + import + model load + first embed: a load-dominated ratio.
         out["cold_start"] = {"int8_ms": round(cp, 2), "fp32_ms": round(cb, 2),
                              "fp32_over_int8": round(cb / cp, 2)}
+    # Store section: a new query's vector recall is dominated by embedding it (int8 vs fp32), at
+    # the smallest store size both sides measured.
+    sp = _get(result, "sections", "store", "project") or {}
+    sb = _get(result, "sections", "store", "baseline") or {}
+    for size in sorted((sp.get("recall") or {}).keys(), key=lambda k: int(k) if str(k).isdigit() else 0)[:1]:
+        p = _get(sp, "recall", size, "vector", "uncached", "median")
+        b = _get(sb, "recall", size, "vector", "uncached", "median")
+        if isinstance(p, (int, float)) and isinstance(b, (int, float)) and p > 0:
+            out[f"vector_recall_new_query_at_{size}"] = {"int8_ms": round(p, 2), "fp32_ms": round(b, 2),
+                                                         "fp32_over_int8": round(b / p, 2)}
     if not out:
         reason = (base.get("skipped") or base.get("error") or proj.get("error")
                   or _get(result, "meta", "baseline_skipped")
