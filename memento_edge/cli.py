@@ -184,6 +184,12 @@ def recall(state: _State, query: str, topk: int, mode: str, collection: Optional
     _emit(state, res.to_dict(), human)
 
 
+def _kv_lines(d: Dict[str, Any], width: int, skip: Iterable[str] = ()) -> None:
+    for k, v in d.items():
+        if k not in skip:
+            click.echo(f"{k:>{width}}: {v}")
+
+
 def _record_human(d: Dict[str, Any]) -> None:
     for key in ("id", "collection", "tags", "source", "session_id", "importance", "metadata", "created_at",
                 "updated_at"):
@@ -436,7 +442,7 @@ def model_info(state: _State, verify: bool) -> None:
             "quantization": manifest.quantization,
             "source": f"{manifest.source_package}=={manifest.source_version}",
             "fingerprint": manifest.fingerprint, "files": dict(manifest.files), "verified": verify}
-    _emit(state, data, lambda d: [click.echo(f"{k:>16}: {v}") for k, v in d.items() if k != "files"])
+    _emit(state, data, lambda d: _kv_lines(d, 16, skip=("files",)))
 
 
 @main.command()
@@ -491,7 +497,7 @@ def config_cmd(state: _State) -> None:
     data = {x.name: getattr(s, x.name) for x in SETTINGS if x.name != "tokens"}
     data.update({"tokens": len(s.tokens), "config_file": s.config_file, "db_path": str(s.db_path),
                  "model_path": str(s.model_path)})
-    _emit(state, data, lambda d: [click.echo(f"{k:>22}: {v}") for k, v in d.items()])
+    _emit(state, data, lambda d: _kv_lines(d, 22))
 
 
 if __name__ == "__main__":  # pragma: no cover

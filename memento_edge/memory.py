@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -344,12 +344,14 @@ class Memory:
         vec_hits: List[Tuple[int, float]] = []
         kw_hits: List[Tuple[int, float]] = []
         if mode == "vector":
+            assert qvec is not None  # embedded above, or the mode fell back to keyword
             vec_hits = self.store.vector_search(qvec, topk, flt)
             ranked = [(i, s) for i, s in vec_hits]
         elif mode == "keyword":
             kw_hits = self.store.keyword_search(query, topk, flt)
             ranked = list(kw_hits)
         else:
+            assert qvec is not None
             pool = max(HYBRID_POOL, topk * 4)
             # Fusion uses ranks only, so the approximate vector pass suffices for the pool; the
             # similarities shown are then computed exactly for the hits returned.
@@ -358,11 +360,12 @@ class Memory:
             ranked = _fuse(vec_hits, kw_hits)[:topk]
         vrank = {i: n + 1 for n, (i, _) in enumerate(vec_hits)}
         vsim = dict(vec_hits)
-        if mode == "hybrid":
+        if mode == "hybrid" and qvec is not None:
             vsim = self.store.exact_similarities(qvec, [i for i, _ in ranked if i in vrank])
         krank = {i: n + 1 for n, (i, _) in enumerate(kw_hits)}
         rows = self.store.get_many([i for i, _ in ranked])
-        hits = [Hit(**_record_fields(rows[i]), score=float(s), similarity=vsim.get(i), vector_rank=vrank.get(i), keyword_rank=krank.get(i))
+        hits = [Hit(**_record_fields(rows[i]), score=float(s), similarity=vsim.get(i), vector_rank=vrank.get(i),
+                    keyword_rank=krank.get(i))
                 for i, s in ranked if i in rows]
         return RecallResult(query=query, mode=mode, hits=hits, took_ms=(time.perf_counter() - t0) * 1000, note=note)
 
@@ -379,7 +382,7 @@ class Memory:
             unknown = set(q) - {"query", "topk", "mode", "filters"}
             if unknown:
                 raise InvalidInput(f"unknown field {sorted(unknown)[0]!r}", field=f"queries[{n}].{sorted(unknown)[0]}")
-            out.append(self.recall(q.get("query"), topk=q.get("topk", 5), mode=q.get("mode", "hybrid"),
+            out.append(self.recall(cast(str, q.get("query")), topk=q.get("topk", 5), mode=q.get("mode", "hybrid"),
                                    filters=q.get("filters")))
         return out
 
@@ -403,11 +406,12 @@ class Memory:
     # --- idempotency (web layer) ------------------------------------------------------------------
     def idempotency_get(self, key: str) -> Optional[Tuple[str, int, str]]:
         """(request_hash, status, body) stored for an Idempotency-Key, or None."""
-        return self.store.idempotency_get(_name(key, "Idempotency-Key", required=True))
+        return self.store.idempotency_get(cast(str, _name(key, "Idempotency-Key", required=True)))
 
     def idempotency_put(self, key: str, request_hash: str, status: int, body: str) -> None:
         """Remember the first answer given to an Idempotency-Key (kept 24 h)."""
-        self.store.idempotency_put(_name(key, "Idempotency-Key", required=True), request_hash, status, body)
+        self.store.idempotency_put(cast(str, _name(key, "Idempotency-Key", required=True)), request_hash, status,
+                                   body)
 
     # --- bulk and maintenance ---------------------------------------------------------------------
     def export_jsonl(self, fh: IO[str], progress: Optional[Progress] = None) -> int:
@@ -593,7 +597,7 @@ def _tags(value: Any, fname: str) -> List[str]:
         raise InvalidInput(f"{fname}: {len(value)} tags; the limit is {MAX_TAGS}", field=fname)
     out: List[str] = []
     for t in value:
-        t = _name(t, fname, required=True, limit=MAX_TAG_CHARS)
+        t = cast(str, _name(t, fname, required=True, limit=MAX_TAG_CHARS))
         if t not in out:
             out.append(t)
     return out

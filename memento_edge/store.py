@@ -621,7 +621,7 @@ class Store:
              float(row.get("importance", 0.5)), json.dumps(row.get("metadata") or {}, ensure_ascii=False),
              row.get("created_at", now), now, content_hash(row["text"])),
         )
-        mid = int(cur.lastrowid)
+        mid = int(cur.lastrowid or 0)
         tags = row.get("tags") or []
         if tags:
             conn.executemany("INSERT OR IGNORE INTO memory_tags (tag, memory_id) VALUES (?, ?)",

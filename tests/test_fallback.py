@@ -133,7 +133,7 @@ def _long_texts(base: List[str], n: int, seed: int = 7) -> List[str]:
     """Texts well past the 256-token truncation (joined turns), up to the 100,000-character limit."""
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _i in range(n):
         k = rng.choice((40, 80, 200))
         out.append(" ".join(rng.choice(base) for _ in range(k)))
     out.append(("Caroline went to the LGBTQ support group. " * 2500)[:100_000])
