@@ -283,8 +283,9 @@ def settings_for(spec: Spec, home: Path, db_name: str = "memento.db", **override
     # spec["settings"]: profile-level overrides (the emulated profile lifts request_timeout, because a
     # 20-text batch on the armv6 numpy fallback under qemu takes longer than the service's 30 s guard).
     merged = {**(spec.get("settings") or {}), **overrides}
-    return Settings.load(env={}, home=str(home), db=str(home / db_name), model_dir=spec["model_dir"],
-                         **merged)
+    # MEMENTO_CONFIG="": no config file either, so a host /etc/memento-edge/config.yaml cannot skew results.
+    return Settings.load(env={"MEMENTO_CONFIG": ""}, home=str(home), db=str(home / db_name),
+                         model_dir=spec["model_dir"], **merged)
 
 
 def embedder_options(spec: Spec) -> Any:

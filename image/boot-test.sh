@@ -38,6 +38,7 @@ total_timeout="${MEMENTO_BOOT_TIMEOUT:-2400}"
 http_port="${MEMENTO_BOOT_HTTP_PORT:-18077}"
 ssh_port="${MEMENTO_BOOT_SSH_PORT:-12222}"
 py="${MEMENTO_HOST_PYTHON:-$repo/.venv/bin/python}"
+export BT_RESULTS="${BT_RESULTS:-$repo/bench/results}"
 log() { printf '[boot %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 rm -rf "$work"; mkdir -p "$work"
 qemu_pid=""
@@ -113,35 +114,8 @@ export BT_SSH="ssh -q -i $work/id_ed25519 -p $ssh_port -o StrictHostKeyChecking=
 timeout 3000 "$py" "$here/boot_test_client.py" > "$work/client.json"
 cat "$work/client.json" >&2
 
-# --- provision the booted image with Ansible over SSH (changed=0 expected) ---------------------------------
-provision_json=null
-if [ "$provision" = 1 ]; then
-  cat > "$work/inventory.yml" <<EOF
-memento_edge:
-  hosts:
-    memento-qemu:
-      ansible_host: 127.0.0.1
-      ansible_port: $ssh_port
-      ansible_user: admin
-      ansible_ssh_private_key_file: $work/id_ed25519
-      ansible_ssh_common_args: "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-EOF
-  t_prov=$(date +%s)
-  # The guest has no route out (restrict=on), so apt is told not to refresh its lists.
-  ANSIBLE_CONFIG="$repo/ansible/ansible.cfg" timeout 1800 "$repo/.cache/ansible-venv/bin/ansible-playbook" \
-    -i "$work/inventory.yml" "$repo/ansible/site.yml" -e memento_edge_apt_update=false \
-    | tee "$work/provision.log"
-  recap="$(grep -E 'ok=[0-9]+' "$work/provision.log" | tail -1)"
-  changed="$(sed -n 's/.*changed=\([0-9]*\).*/\1/p' <<<"$recap")"
-  failed="$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$recap")"
-  provision_json="{\"seconds\": $(( $(date +%s) - t_prov )), \"changed\": $changed, \"failed\": $failed}"
-  [ "$failed" = 0 ] && [ "$changed" = 0 ] || { log "provision over SSH: $recap"; exit 1; }
-fi
-
 # --- clean shutdown, results --------------------------------------------------------------------------------
-sshg sudo systemctl poweroff || true
-for _ in $(seq 60); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 2; done
-export BT_IMAGE="$img" BT_HEALTH_S="$t_health" BT_PROVISION="$provision_json" BT_KERNEL="$kver"
+export BT_IMAGE="$img" BT_HEALTH_S="$t_health" BT_PROVISION=null BT_KERNEL="$kver"
 "$py" - <<'EOF'
 import datetime, json, os, platform, subprocess
 from pathlib import Path
@@ -192,4 +166,32 @@ if doc["provision_over_ssh"]:
 (out / f"{day}-image-qemu.md").write_text("\n".join(lines) + "\n")
 print(out / f"{day}-image-qemu.md")
 EOF
+# --- provision the booted image with Ansible over SSH (changed=0 expected) ---------------------------------
+if [ "$provision" = 1 ]; then
+  cat > "$work/inventory.yml" <<EOF
+memento_edge:
+  hosts:
+    memento-qemu:
+      ansible_host: 127.0.0.1
+      ansible_port: $ssh_port
+      ansible_user: admin
+      ansible_ssh_private_key_file: $work/id_ed25519
+      ansible_ssh_common_args: "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+EOF
+  t_prov=$(date +%s)
+  # The guest has no route out (restrict=on), so apt is told not to refresh its lists.
+  ANSIBLE_CONFIG="$repo/ansible/ansible.cfg" timeout 1800 "$repo/.cache/ansible-venv/bin/ansible-playbook" \
+    -i "$work/inventory.yml" "$repo/ansible/site.yml" -e memento_edge_apt_update=false \
+    -e "memento_edge_wheel_src=$(ls -1 "$here"/out/work/dist/memento_edge-*.whl | tail -1)" \
+    | tee "$work/provision.log"
+  recap="$(grep -E 'ok=[0-9]+' "$work/provision.log" | tail -1)"
+  changed="$(sed -n 's/.*changed=\([0-9]*\).*/\1/p' <<<"$recap")"
+  failed="$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$recap")"
+  printf '\nProvision over SSH (ansible/site.yml against the booted image, same wheel and model): %s s, changed=%s, failed=%s\n' \
+    "$(( $(date +%s) - t_prov ))" "$changed" "$failed" >> "${BT_RESULTS:-bench/results}/$(date +%F)-image-qemu.md"
+  [ "$failed" = 0 ] && [ "$changed" = 0 ] || { log "provision over SSH: $recap"; exit 1; }
+fi
+
+sshg sudo systemctl poweroff || true
+for _ in $(seq 60); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 2; done
 log "boot test passed in $(( $(date +%s) - t_start )) s"

@@ -6,7 +6,7 @@
 # Builds (or reuses, from $MEMENTO_QEMU_CACHE) the arm64 and armel rootfs in parallel, then runs
 # run-aarch64.sh and run-armv6.sh one after the other with the bench's `emulated` profile limited to
 # the sections in $MEMENTO_QEMU_CI_SECTIONS (default cold_start,store: start-up, remember, and
-# recall in hybrid / vector / keyword mode at 100 memories; no LoCoMo), and
+# recall in hybrid / vector / keyword mode at 100 memories; no fp32 baseline, no LoCoMo), and
 # verifies each run: result .json and .md present, golden vector + sqlite-vec check passed, bench
 # exit 0, no section reporting an error. Timings never fail it. Results go to DIR (default
 # $MEMENTO_QEMU_CACHE/ci-results, so CI never writes into bench/results). Exit 1 if anything failed.
@@ -51,7 +51,7 @@ for target in aarch64 armv6; do
     t=$(date +%s)
     rc=0
     DATE_TAG=$date_tag "$QEMU_DIR/run-$target.sh" --profile "$profile" --out-dir "$out_dir" \
-        -- --sections "$sections" --sizes 100 --quality none || rc=$?
+        -- --sections "$sections" --sizes 100 --quality none --skip-baseline || rc=$?
     took[$target]=$(( $(date +%s) - t ))
     if [ "$rc" != 0 ]; then
         log "$target: run exited $rc"

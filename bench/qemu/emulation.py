@@ -144,7 +144,10 @@ def annotate(result: Dict[str, Any], check: Dict[str, Any], baseline: Dict[str, 
     rss: Dict[str, Any] = {}
     for path, value in _rss_leaves(result):
         sub = base_hwm_mb if path.endswith("hwm_mb") else base_mb
-        rss[path] = {"measured_mb": round(value, 1), "minus_emulator_mb": round(value - sub, 1)}
+        # Stages measured before the guest imported what the baseline imports (e.g. before the model
+        # load pulls in onnxruntime) fall below the baseline: no meaningful difference there.
+        rss[path] = {"measured_mb": round(value, 1),
+                     "minus_emulator_mb": round(value - sub, 1) if value >= sub else None}
     return {
         "emulator": "qemu-user (binfmt_misc, chroot)",
         "qemu_version": qemu_version,
@@ -167,7 +170,8 @@ def annotate(result: Dict[str, Any], check: Dict[str, Any], baseline: Dict[str, 
         "rss_note": "measured_mb = what the guest sees in /proc/self/status under qemu-user, which "
                     "includes the emulator's own memory (translated code cache, its heap); "
                     "minus_emulator_mb subtracts rss_baseline (VmHWM rows subtract its VmHWM). "
-                    "An approximation of the board's RSS, not a measurement of it.",
+                    "An approximation of the board's RSS, not a measurement of it; null where the stage "
+                    "precedes the imports the baseline made (the difference would be negative).",
         "int8_fp32_speed": speed_ratios(result),
         "times_note": NOT_BOARD_TIMES,
         "wall_seconds": {"setup": setup_s, "bench": bench_s},
@@ -216,7 +220,9 @@ def markdown(emu: Dict[str, Any]) -> str:
         + ".", "",
         "| stage | measured MB (includes QEMU) | minus emulator MB |", "|---|---:|---:|",
     ]
-    lines += [f"| {path} | {v['measured_mb']} | {v['minus_emulator_mb']} |" for path, v in emu["rss"].items()]
+    lines += [f"| {path} | {v['measured_mb']} | "
+              f"{'n/a (below baseline)' if v['minus_emulator_mb'] is None else v['minus_emulator_mb']} |"
+              for path, v in emu["rss"].items()]
     lines += ["", emu["rss_note"], ""]
     return "\n".join(lines)
 
