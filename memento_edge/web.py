@@ -1229,6 +1229,9 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     from waitress.server import create_server
 
     mode = check_bind(settings)
+    from .embedder import tune_malloc
+
+    tune_malloc()  # before the worker threads and the model allocate anything
     own_memory = memory is None
     app = create_app(settings, memory)
     st: _State = app.extensions[EXT]
