@@ -62,7 +62,8 @@ ALL_SECTIONS = ["cold_start", "embedding", "store", "stress", "rss", "ablation",
 
 #: Session-option variants of the ablation (fields of memento_edge.embedder.EmbedderOptions). The
 #: reference is onnxruntime's defaults with the project's threading (1 intra-op thread, sequential);
-#: each "... off" variant switches one knob off; "tuned" is the shipped profile (arena, mem pattern and spinning off; prepacking on).
+#: each "... off" variant switches one knob off; "tuned" is the shipped profile (arena, mem pattern and
+#: spinning off; prepacking on).
 _ORT_DEFAULTS = {"profile": "tuned", "cpu_mem_arena": True, "mem_pattern": True, "disable_prepacking": False,
                  "allow_spinning": True}
 ABLATION_VARIANTS: Dict[str, Dict[str, Any]] = {
