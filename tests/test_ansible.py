@@ -154,7 +154,9 @@ def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
         pytest.skip("set MEMENTO_APPLIANCE=1")
     assert os.geteuid() == 0, "the converge test needs root (chroot)"
     assert (MODEL_DIR / "manifest.json").exists(), f"model dir {MODEL_DIR} missing: run scripts/build-model"
-    work = Path(os.environ.get("MEMENTO_CONVERGE_DIR", "")) or tmp_path_factory.mktemp("converge")
+    # (Path("") is Path("."), which is truthy: test the variable, not the Path.)
+    env_dir = os.environ.get("MEMENTO_CONVERGE_DIR")
+    work = Path(env_dir).resolve() if env_dir else tmp_path_factory.mktemp("converge")
     work.mkdir(parents=True, exist_ok=True)
     dist = work / "dist"
     dist.mkdir(exist_ok=True)
