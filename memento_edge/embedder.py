@@ -308,7 +308,56 @@ def _malloc_trim() -> None:
         pass
 
 
-class OnnxEmbedder:
+class CachedEmbedding:
+    """``embed`` / ``embed_batch`` over the LRU cache, shared by the onnxruntime and numpy embedders.
+
+    The class using it provides ``dim``, ``cache`` (:class:`LRUCache`), ``_stats_lock``,
+    ``last_embed_ms`` and ``_infer(texts) -> (n, dim)`` (inference without the cache).
+    """
+
+    dim: int
+    cache: "LRUCache"
+    _stats_lock: threading.Lock
+    last_embed_ms: Optional[float]
+
+    def _infer(self, texts: List[str]) -> np.ndarray:  # pragma: no cover - provided by the embedder
+        raise NotImplementedError
+
+    def embed(self, text: str) -> np.ndarray:
+        """``(384,)`` float32 unit vector of ``text``; served from the LRU cache when possible."""
+        return self.embed_batch([text])[0]
+
+    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, 384)`` float32 unit vectors; cache hits skip inference, duplicates run once."""
+        if isinstance(texts, str):
+            raise TypeError("embed_batch takes a sequence of strings, not a string")
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        pending: Dict[str, List[int]] = {}
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, not str")
+            if text in pending:
+                pending[text].append(i)
+                continue
+            vec = self.cache.get(text)
+            if vec is None:
+                pending[text] = [i]
+            else:
+                out[i] = vec
+        if pending:
+            start = time.perf_counter()
+            unique = list(pending)
+            vectors = self._infer(unique)
+            for text, vec in zip(unique, vectors):
+                self.cache.put(text, vec)
+                out[pending[text]] = vec
+            with self._stats_lock:
+                self.last_embed_ms = round((time.perf_counter() - start) * 1000.0, 3)
+        return out
+
+
+class OnnxEmbedder(CachedEmbedding):
     """The production embedder: int8 MiniLM on onnxruntime, with an LRU cache (see module doc)."""
 
     dim = DIM
@@ -576,39 +625,6 @@ class OnnxEmbedder:
         return t
 
     # --- embedding --------------------------------------------------------------------------
-    def embed(self, text: str) -> np.ndarray:
-        """``(384,)`` float32 unit vector of ``text``; served from the LRU cache when possible."""
-        return self.embed_batch([text])[0]
-
-    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """``(n, 384)`` float32 unit vectors; cache hits skip inference, duplicates run once."""
-        if isinstance(texts, str):
-            raise TypeError("embed_batch takes a sequence of strings, not a string")
-        texts = list(texts)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        pending: Dict[str, List[int]] = {}
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is {type(text).__name__}, not str")
-            if text in pending:
-                pending[text].append(i)
-                continue
-            vec = self.cache.get(text)
-            if vec is None:
-                pending[text] = [i]
-            else:
-                out[i] = vec
-        if pending:
-            start = time.perf_counter()
-            unique = list(pending)
-            vectors = self._infer(unique)
-            for text, vec in zip(unique, vectors):
-                self.cache.put(text, vec)
-                out[pending[text]] = vec
-            with self._stats_lock:
-                self.last_embed_ms = round((time.perf_counter() - start) * 1000.0, 3)
-        return out
-
     def _infer(self, texts: List[str]) -> np.ndarray:
         """Run the model on ``texts`` (no cache), chunk by chunk, mini-batch by mini-batch."""
         result = np.empty((len(texts), self.dim), dtype=np.float32)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Opti
 
 import numpy as np
 
+from .embedder import CachedEmbedding
 from .errors import EmbedTimeout, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -620,7 +621,7 @@ class _Int8Bert:
 # the Embedder
 # ================================================================================================
 
-class NumpyEmbedder:
+class NumpyEmbedder(CachedEmbedding):
     """The ``numpy-int8`` Embedder: :class:`WordPieceTokenizer` + :class:`_Int8Bert`, LRU-cached.
 
     Thread-safe: one thread loads while others wait (bounded by ``request_timeout``); runs are
@@ -792,39 +793,6 @@ class NumpyEmbedder:
         return t
 
     # --- embedding ---------------------------------------------------------------------------
-    def embed(self, text: str) -> np.ndarray:
-        """``(384,)`` float32 unit vector of ``text``; served from the LRU cache when possible."""
-        return self.embed_batch([text])[0]
-
-    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """``(n, 384)`` float32 unit vectors; cache hits skip inference, duplicates run once."""
-        if isinstance(texts, str):
-            raise TypeError("embed_batch takes a sequence of strings, not a string")
-        texts = list(texts)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        pending: Dict[str, List[int]] = {}
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is {type(text).__name__}, not str")
-            if text in pending:
-                pending[text].append(i)
-                continue
-            vec = self.cache.get(text)
-            if vec is None:
-                pending[text] = [i]
-            else:
-                out[i] = vec
-        if pending:
-            start = time.perf_counter()
-            unique = list(pending)
-            vectors = self._infer(unique)
-            for text, vec in zip(unique, vectors):
-                self.cache.put(text, vec)
-                out[pending[text]] = vec
-            with self._stats_lock:
-                self.last_embed_ms = round((time.perf_counter() - start) * 1000.0, 3)
-        return out
-
     def _infer(self, texts: List[str]) -> np.ndarray:
         """Vectors of ``texts`` (no cache), one text at a time, each within ``request_timeout``."""
         result = np.empty((len(texts), self.dim), dtype=np.float32)
