@@ -121,20 +121,11 @@ KEYWORD_VARIANTS = ("store", "or_all_terms", "or_no_speakers", "and_then_or")
 FUSION_DEPTH = 50
 
 
-def _minmax(hits: Sequence[Tuple[int, float]]) -> Dict[int, float]:
-    if not hits:
-        return {}
-    vals = [s for _, s in hits]
-    lo, hi = min(vals), max(vals)
-    span = hi - lo
-    return {mid: (s - lo) / span if span > 0 else 1.0 for mid, s in hits}
-
-
 def fuse_scores(vec: Sequence[Tuple[int, float]], kw: Sequence[Tuple[int, float]], alpha: float) -> List[int]:
-    """Ids ranked by ``alpha * norm(cosine) + (1 - alpha) * norm(bm25)`` (missing side counts 0)."""
-    nv, nk = _minmax(vec), _minmax(kw)
-    ids = set(nv) | set(nk)
-    return sorted(ids, key=lambda i: (-(alpha * nv.get(i, 0.0) + (1 - alpha) * nk.get(i, 0.0)), i))
+    """Ids ranked by the product's own score fusion (``memory._fuse``) at weight ``alpha``."""
+    from memento_edge.memory import _fuse
+
+    return [mid for mid, _ in _fuse(vec, kw, alpha)]
 
 
 def fusion_experiments(records: Dict[str, List[Dict[str, Any]]],

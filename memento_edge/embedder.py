@@ -311,7 +311,7 @@ def _malloc_trim() -> None:
 class CachedEmbedding:
     """``embed`` / ``embed_batch`` over the LRU cache, shared by the onnxruntime and numpy embedders.
 
-    The class using it provides ``dim``, ``cache`` (:class:`LRUCache`), ``_stats_lock``,
+    The class using it provides ``dim``, ``cache`` (:class:`LRUCache`), ``_stats_lock``, ``timeouts``,
     ``last_embed_ms`` and ``_infer(texts) -> (n, dim)`` (inference without the cache).
     """
 
@@ -320,8 +320,18 @@ class CachedEmbedding:
     _stats_lock: threading.Lock
     last_embed_ms: Optional[float]
 
+    timeouts: int
+
     def _infer(self, texts: List[str]) -> np.ndarray:  # pragma: no cover - provided by the embedder
         raise NotImplementedError
+
+    def _count_timeout(self) -> None:
+        with self._stats_lock:
+            self.timeouts += 1
+
+    def shrink_cache(self, fraction: float = 0.5) -> None:
+        """Evict the least recently used ``fraction`` of cached vectors (memory governor)."""
+        self.cache.shrink(fraction)
 
     def embed(self, text: str) -> np.ndarray:
         """``(384,)`` float32 unit vector of ``text``; served from the LRU cache when possible."""
@@ -704,15 +714,7 @@ class OnnxEmbedder(CachedEmbedding):
             self.run_count += 1
         return np.asarray(vecs, dtype=np.float32)
 
-    def _count_timeout(self) -> None:
-        with self._stats_lock:
-            self.timeouts += 1
-
-    # --- memory governor / stats -------------------------------------------------------------
-    def shrink_cache(self, fraction: float = 0.5) -> None:
-        """Evict the least recently used ``fraction`` of cached vectors."""
-        self.cache.shrink(fraction)
-
+    # --- stats ------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """loaded, backend, fingerprint, cache counters, embed/run/load counters and timings."""
         try:

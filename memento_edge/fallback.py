@@ -818,15 +818,7 @@ class NumpyEmbedder(CachedEmbedding):
                 self.embed_count += 1
         return result
 
-    def _count_timeout(self) -> None:
-        with self._stats_lock:
-            self.timeouts += 1
-
-    # --- memory governor / stats -------------------------------------------------------------
-    def shrink_cache(self, fraction: float = 0.5) -> None:
-        """Evict the least recently used ``fraction`` of cached vectors."""
-        self.cache.shrink(fraction)
-
+    # --- stats ------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Same keys as ``OnnxEmbedder.stats()`` where they apply, plus the exact-product dtype."""
         try:
