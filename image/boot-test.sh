@@ -13,7 +13,7 @@
 #    boot file, then N mixed requests (default 1000) and the RSS again,
 # 6. with --provision: runs ansible/site.yml over the forwarded SSH port against the booted image (the
 #    "provision an existing Pi" path) and requires changed=0,
-# 7. writes bench/results/<date>-image-qemu.{json,md}.
+# 7. writes bench/results/<date>-image-qemu.{json,md} (a reduced image: <date>-image-reduced-qemu.*).
 # Every QEMU run is bounded (MEMENTO_BOOT_TIMEOUT, default 2400 s total).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     *) img="$1"; shift ;;
   esac
 done
-[ -n "$img" ] || img="$(ls -1t "$here"/out/memento-edge-*-pizero2w-arm64.img 2>/dev/null | head -1)"
+[ -n "$img" ] || img="$(ls -1t "$here"/out/memento-edge-*.img 2>/dev/null | head -1)"
 [ -f "$img" ] || { echo "no image: run image/build.sh first" >&2; exit 1; }
 work="${MEMENTO_BOOT_WORK:-$here/out/boot-test}"
 total_timeout="${MEMENTO_BOOT_TIMEOUT:-2400}"
@@ -116,6 +116,9 @@ cat "$work/client.json" >&2
 
 # --- clean shutdown, results --------------------------------------------------------------------------------
 export BT_IMAGE="$img" BT_HEALTH_S="$t_health" BT_PROVISION=null BT_KERNEL="$kver"
+# Results are named after the profile so a CI run of the reduced image never overwrites the full one's.
+case "$(basename "$img")" in *-reduced.img) stem="image-reduced-qemu" ;; *) stem="image-qemu" ;; esac
+export BT_STEM="$stem"
 "$py" - <<'EOF'
 import datetime, json, os, platform, subprocess
 from pathlib import Path
@@ -124,6 +127,9 @@ client = json.loads((work / "client.json").read_text())
 img = Path(os.environ["BT_IMAGE"])
 xz = img.with_name(img.name + ".xz")
 build_times = img.parent / "build-times.json"
+build = json.loads(build_times.read_text()) if build_times.exists() else None
+if build is not None and build.get("image") != img.name:
+    build = None   # the last build in that directory made another image
 doc = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "image": img.name, "raw_bytes": img.stat().st_size, "xz_bytes": xz.stat().st_size if xz.exists() else None,
@@ -132,13 +138,13 @@ doc = {
     "kernel": os.environ["BT_KERNEL"],
     "healthz_after_s": int(os.environ["BT_HEALTH_S"]),
     "provision_over_ssh": json.loads(os.environ["BT_PROVISION"]),
-    "build": json.loads(build_times.read_text()) if build_times.exists() else None,
+    "build": build,
     **client,
 }
 day = datetime.date.today().isoformat()
 out = Path(os.environ.get("BT_RESULTS", "bench/results"))
 out.mkdir(parents=True, exist_ok=True)
-(out / f"{day}-image-qemu.json").write_text(json.dumps(doc, indent=2) + "\n")
+(out / f"{day}-{os.environ['BT_STEM']}.json").write_text(json.dumps(doc, indent=2) + "\n")
 mb = lambda kb: f"{kb / 1024:.1f} MB" if kb else "n/a"
 lines = [
     f"# Appliance image under QEMU ({day})", "",
@@ -163,8 +169,8 @@ if doc["build"]:
 if doc["provision_over_ssh"]:
     p = doc["provision_over_ssh"]
     lines += ["", f"Provision over SSH (ansible/site.yml against the booted image): {p['seconds']} s, changed={p['changed']}"]
-(out / f"{day}-image-qemu.md").write_text("\n".join(lines) + "\n")
-print(out / f"{day}-image-qemu.md")
+(out / f"{day}-{os.environ['BT_STEM']}.md").write_text("\n".join(lines) + "\n")
+print(out / f"{day}-{os.environ['BT_STEM']}.md")
 EOF
 # --- provision the booted image with Ansible over SSH (changed=0 expected) ---------------------------------
 if [ "$provision" = 1 ]; then
@@ -188,7 +194,7 @@ EOF
   changed="$(sed -n 's/.*changed=\([0-9]*\).*/\1/p' <<<"$recap")"
   failed="$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$recap")"
   printf '\nProvision over SSH (ansible/site.yml against the booted image, same wheel and model): %s s, changed=%s, failed=%s\n' \
-    "$(( $(date +%s) - t_prov ))" "$changed" "$failed" >> "${BT_RESULTS:-bench/results}/$(date +%F)-image-qemu.md"
+    "$(( $(date +%s) - t_prov ))" "$changed" "$failed" >> "${BT_RESULTS:-bench/results}/$(date +%F)-$stem.md"
   [ "$failed" = 0 ] && [ "$changed" = 0 ] || { log "provision over SSH: $recap"; exit 1; }
 fi
 

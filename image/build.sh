@@ -4,14 +4,16 @@
 #
 #   image/build.sh [--profile full|reduced] [--no-xz] [--reuse-rootfs]
 #
-# Recipe: Debian bookworm arm64 (mmdebstrap under qemu-user) -> the Ansible role through the
-# community.general.chroot connection -> appliance files (first boot, SSH, network) -> one initramfs build
-# -> no device identity -> FAT + ext4 filesystems made from directories (mkfs.vfat -C + mcopy,
-# mkfs.ext4 -d) -> MBR with sfdisk -> partitions copied in with dd conv=notrunc,sparse. No loop devices,
-# no mounts of the image.
+# Recipe: Debian bookworm arm64 with its one initramfs (image/rootfs.sh: mmdebstrap under qemu-user, a
+# cached tarball) -> the Ansible role through the community.general.chroot connection -> appliance files
+# (first boot, SSH, network) -> no device identity -> FAT + ext4 filesystems made from directories
+# (mkfs.vfat -C + mcopy, mkfs.ext4 -d) -> MBR with sfdisk -> partitions copied in with
+# dd conv=notrunc,sparse. No loop devices, no mounts of the image.
 #
-# --profile reduced: same recipe and files, but the image's root filesystem is not compressed with xz
-# (CI's boot test needs only the raw image). Stage times go to image/out/build-times.json.
+# --profile reduced: the same recipe and files minus the Pi-only packages (raspi-firmware,
+# firmware-brcm80211, wireless-regdb; see image/rootfs.sh) and without xz. It boots under QEMU but not on
+# a Pi, so it is named image/out/memento-edge-<version>-arm64-reduced.img; CI builds it and boot-tests it.
+# Stage times go to image/out/build-times.json.
 #
 # Needs root, qemu-user-static (binfmt), mmdebstrap, dosfstools, mtools, fdisk, e2fsprogs, xz; the wheel
 # (dist/) and the model dir (models/minilm-int8) are built first if missing. Honours SOURCE_DATE_EPOCH
@@ -38,7 +40,11 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-[ "$profile" = reduced ] && do_xz=0
+case "$profile" in
+  full) ;;
+  reduced) do_xz=0 ;;
+  *) echo "unknown profile: $profile (full|reduced)" >&2; exit 2 ;;
+esac
 [ "$(id -u)" = 0 ] || { echo "build.sh must run as root (chroot, mknod in mmdebstrap)" >&2; exit 1; }
 
 log() { printf '[image %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -56,7 +62,7 @@ stage() {  # stage NAME COMMAND...: run and time one stage
 
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)}"
 version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)"
-name="memento-edge-$version-pizero2w-arm64"
+if [ "$profile" = full ]; then name="memento-edge-$version-pizero2w-arm64"; else name="memento-edge-$version-arm64-reduced"; fi
 work="$out/work"
 rootfs="$work/rootfs"
 mkdir -p "$out" "$cache" "$work"
@@ -94,7 +100,7 @@ rootfs_stage() {
   fi
   rm -rf "$rootfs"
   mkdir -p "$rootfs"
-  "$here/rootfs.sh" full "$work/rootfs.tar"
+  "$here/rootfs.sh" "$profile" "$work/rootfs.tar"
   tar -C "$rootfs" --numeric-owner -xpf "$work/rootfs.tar"
   rm -f "$work/rootfs.tar"
 }
@@ -133,10 +139,7 @@ appliance() {
   install -D -m 0644 "$f/etc/systemd/system/ssh.service.d/hostkeys.conf" "$rootfs/etc/systemd/system/ssh.service.d/hostkeys.conf"
   install -m 0644 "$f"/etc/systemd/network/*.network "$rootfs/etc/systemd/network/"
   install -m 0440 "$f/etc/sudoers.d/admin" "$rootfs/etc/sudoers.d/admin"
-  install -m 0644 "$f/etc/fstab" "$rootfs/etc/fstab"
-  install -m 0644 "$f/etc/default/raspi-firmware" "$rootfs/etc/default/raspi-firmware"
   install -m 0644 "$f/dpkg-excludes.cfg" "$rootfs/etc/dpkg/dpkg.cfg.d/memento-edge-excludes"
-  [ -f "$f/etc/default/raspi-firmware-custom" ] && install -m 0644 "$f/etc/default/raspi-firmware-custom" "$rootfs/etc/default/"
   echo memento-edge > "$rootfs/etc/hostname"
   printf '127.0.0.1\tlocalhost\n127.0.1.1\tmemento-edge\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$rootfs/etc/hosts"
   # admin: SSH key only (from memento-edge.txt), no password; root locked.
@@ -151,21 +154,20 @@ appliance() {
   rm -f "$rootfs/etc/ssl/certs/host-ca-bundle.crt"
 }
 
-# --- stage: one initramfs build, which also runs raspi-firmware's hook (-> /boot/firmware) ------------------
-initramfs() {
-  cat > "$rootfs/etc/initramfs-tools/conf.d/memento-edge.conf" <<'EOF'
-# zstd: smaller and far faster to unpack on a Cortex-A53 than gzip.
-COMPRESS=zstd
-EOF
-  if in_root dpkg-divert --list /usr/sbin/update-initramfs | grep -q local; then
-    rm -f "$rootfs/usr/sbin/update-initramfs"
-    in_root dpkg-divert --local --rename --remove /usr/sbin/update-initramfs
-    in_root update-initramfs -c -k all
-  else
-    log "initramfs already built (reused rootfs)"
-  fi
+# --- stage: check /boot (rootfs.sh built the initramfs and ran raspi-firmware's hook into the tarball) --------
+boot_check() {
   ls -la "$rootfs/boot" "$rootfs/boot/firmware" >&2
-  [ -f "$rootfs/boot/firmware/config.txt" ] || { log "raspi-firmware hook wrote no config.txt"; exit 1; }
+  if in_root dpkg-divert --list /usr/sbin/update-initramfs | grep -q local; then
+    log "update-initramfs is still diverted: the rootfs tarball predates image/rootfs.sh recipe 2"; exit 1
+  fi
+  compgen -G "$rootfs/boot/vmlinuz-*" >/dev/null && compgen -G "$rootfs/boot/initrd.img-*" >/dev/null \
+    || { log "no kernel or initramfs in /boot"; exit 1; }
+  if [ "$profile" = full ]; then
+    [ -f "$rootfs/boot/firmware/config.txt" ] || { log "raspi-firmware hook wrote no config.txt"; exit 1; }
+    grep -q 'root=LABEL=RASPIROOT' "$rootfs/boot/firmware/cmdline.txt" \
+      || { log "cmdline.txt lacks root=LABEL=RASPIROOT"; exit 1; }
+    compgen -G "$rootfs/boot/firmware/initrd.img-*" >/dev/null || { log "no initramfs on the boot partition"; exit 1; }
+  fi
 }
 
 # --- stage: remove device identity and build leftovers, write the manifest --------------------------------
@@ -225,7 +227,10 @@ assemble() {
 
   rm -f "$bootimg" "$rootimg" "$img"
   mkfs.vfat -C -F 32 -n RASPIFIRM -i "$vol_id" --invariant "$bootimg" $((boot_mib * 1024)) >/dev/null
-  (cd "$rootfs/boot/firmware" && MTOOLS_SKIP_CHECK=1 mcopy -s -p -m -i "$bootimg" ./* ::/)
+  # (empty in the reduced profile, which has no raspi-firmware: QEMU boots the kernel from the root fs)
+  if [ -n "$(ls -A "$rootfs/boot/firmware")" ]; then
+    (cd "$rootfs/boot/firmware" && MTOOLS_SKIP_CHECK=1 mcopy -s -p -m -i "$bootimg" ./* ::/)
+  fi
   install -m 0644 "$here/files/memento-edge.txt.example" "$work/memento-edge.txt.example"
   MTOOLS_SKIP_CHECK=1 mcopy -m -i "$bootimg" "$here/files/memento-edge.txt.example" ::/memento-edge.txt.example
 
@@ -272,7 +277,7 @@ stage inputs inputs
 stage rootfs rootfs_stage
 stage converge converge
 stage appliance appliance
-stage initramfs initramfs
+stage boot_check boot_check
 stage finalize finalize
 stage assemble assemble
 (cd "$out" && sha256sum "$name.img" > "$name.img.sha256")

@@ -4,36 +4,53 @@
 #
 #   image/rootfs.sh PROFILE OUT.tar
 #
-# PROFILE: minimal - what the Ansible converge test needs (systemd, python3-venv, ca-certificates, avahi)
-#          full    - the Pi Zero 2 W appliance: + kernel, raspi-firmware, Wi-Fi firmware, SSH, wpa_supplicant
+# PROFILE: full    - the Pi Zero 2 W appliance: systemd, python3-venv, avahi, the arm64 kernel, SSH,
+#                    wpa_supplicant, + the Pi-only packages raspi-firmware (boot files, config.txt),
+#                    firmware-brcm80211 (the Zero 2 W's Wi-Fi) and wireless-regdb
+#          reduced - the same minus the Pi-only packages: what a QEMU `virt` boot can exercise. CI's image
+#                    and boot test use it, and so does the Ansible converge test (one cold Debian install
+#                    serves both).
 #
-# The tarball is cached in image/cache/ under a key made of the profile's package list, the dpkg excludes
-# and this script, so an unchanged recipe is built once per machine. mmdebstrap honours SOURCE_DATE_EPOCH.
+# The expensive, input-only work happens here, once per recipe: the emulated Debian install and the one
+# initramfs build (~4.5 min under qemu-user, MODULES=most) with the appliance's initramfs/raspi-firmware
+# settings and fstab already in place. Nothing the Ansible role or the wheel does touches /boot, so
+# image/build.sh starts from a tarball whose /boot is final. The tarball is cached in
+# $MEMENTO_IMAGE_CACHE (default image/cache/) under a key made of the profile's package list, the dpkg
+# excludes, the boot-related files and this script's recipe version, so an unchanged recipe is built once
+# per machine. mmdebstrap honours SOURCE_DATE_EPOCH.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-profile="${1:?profile: minimal|full}"
+profile="${1:?profile: reduced|full}"
 out="${2:?output tarball}"
 cache="${MEMENTO_IMAGE_CACHE:-$here/cache}"
 suite="${MEMENTO_SUITE:-bookworm}"
 mirror="${MEMENTO_MIRROR:-http://deb.debian.org/debian}"
 security="${MEMENTO_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 
-base_pkgs=(systemd-sysv udev dbus python3 python3-venv ca-certificates avahi-daemon iproute2 kmod)
-full_pkgs=(
-  # boot: kernel, Raspberry Pi firmware + config.txt hooks, initramfs, Wi-Fi firmware (non-free-firmware)
-  linux-image-arm64 raspi-firmware firmware-brcm80211 initramfs-tools zstd
-  # network + access
-  openssh-server wpasupplicant wireless-regdb systemd-resolved systemd-timesyncd fake-hwclock sudo
+reduced_pkgs=(
+  # what the role needs
+  systemd-sysv udev dbus python3 python3-venv python3-packaging ca-certificates avahi-daemon iproute2 kmod
+  # boot: kernel + initramfs (zstd: smaller and far faster to unpack on a Cortex-A53 than gzip)
+  linux-image-arm64 initramfs-tools zstd
+  # network + access (wpa_supplicant: the first-boot file configures Wi-Fi)
+  openssh-server wpasupplicant systemd-resolved systemd-timesyncd fake-hwclock sudo
   # first boot: grow the root partition and filesystem
   fdisk e2fsprogs
   # the boot test reads RSS and boot time via SSH; procps gives ps/free to operators
   procps
 )
+# Only a real Pi uses these: the GPU firmware + config.txt/cmdline.txt hook, the Wi-Fi chip's firmware and
+# the regulatory database (non-free-firmware).
+pi_pkgs=(raspi-firmware firmware-brcm80211 wireless-regdb)
 case "$profile" in
-  minimal) pkgs=("${base_pkgs[@]}") ;;
-  full) pkgs=("${base_pkgs[@]}" "${full_pkgs[@]}") ;;
+  reduced) pkgs=("${reduced_pkgs[@]}") ;;
+  full) pkgs=("${reduced_pkgs[@]}" "${pi_pkgs[@]}") ;;
   *) echo "unknown profile: $profile" >&2; exit 2 ;;
 esac
+files="$here/files"
+# Files that shape /boot: they go in before the initramfs build and are part of the cache key.
+boot_inputs=("$files/etc/fstab" "$files/etc/default/raspi-firmware" "$files/etc/default/raspi-firmware-custom"
+             "$files/etc/initramfs-tools/conf.d/memento-edge.conf")
 
 ensure_binfmt() {
   # qemu-user-static must be registered with binfmt_misc for the arm64 chroot to run.
@@ -46,9 +63,9 @@ ensure_binfmt() {
   grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64
 }
 
-# Bump when the mmdebstrap invocation below changes meaningfully (the key covers packages and excludes).
-recipe_version=1
-key="$( { echo "$recipe_version $profile $suite $mirror"; printf '%s\n' "${pkgs[@]}"; cat "$here/files/dpkg-excludes.cfg"; } \
+# Bump when the mmdebstrap invocation below changes meaningfully (the key covers packages and files).
+recipe_version=2
+key="$( { echo "$recipe_version $profile $suite $mirror"; printf '%s\n' "${pkgs[@]}"; cat "$files/dpkg-excludes.cfg" "${boot_inputs[@]}"; } \
         | sha256sum | cut -c1-16)"
 cached="$cache/rootfs-$profile-$key.tar"
 mkdir -p "$cache"
@@ -57,12 +74,19 @@ if [ ! -s "$cached" ]; then
   include="$(IFS=,; echo "${pkgs[*]}")"
   t0=$(date +%s)
   # update-initramfs is diverted to /bin/true while packages install (the kernel and raspi-firmware would
-  # each trigger a full initramfs build under emulation); image/build.sh builds it once at the end.
+  # each trigger a full initramfs build under emulation); the customize hooks put the boot-shaping files in
+  # place and build it once, which also runs raspi-firmware's hook (-> /boot/firmware, full profile).
   timeout 3600 mmdebstrap --variant=minbase --arch=arm64 --format=tar --components=main,non-free-firmware \
-    --dpkgopt="$here/files/dpkg-excludes.cfg" \
+    --dpkgopt="$files/dpkg-excludes.cfg" \
     --essential-hook='chroot "$1" dpkg-divert --local --rename --add /usr/sbin/update-initramfs' \
     --essential-hook='ln -sf /bin/true "$1/usr/sbin/update-initramfs"' \
     --essential-hook='mkdir -p "$1/boot/firmware"' \
+    --customize-hook="install -m 0644 '$files/etc/fstab' \"\$1/etc/fstab\"" \
+    --customize-hook="install -m 0644 '$files/etc/default/raspi-firmware' '$files/etc/default/raspi-firmware-custom' \"\$1/etc/default/\"" \
+    --customize-hook="install -D -m 0644 '$files/etc/initramfs-tools/conf.d/memento-edge.conf' \"\$1/etc/initramfs-tools/conf.d/memento-edge.conf\"" \
+    --customize-hook='rm -f "$1/usr/sbin/update-initramfs"' \
+    --customize-hook='chroot "$1" dpkg-divert --local --rename --remove /usr/sbin/update-initramfs' \
+    --customize-hook='chroot "$1" update-initramfs -c -k all' \
     --include="$include" \
     "$suite" "$cached.tmp" \
     "deb $mirror $suite main non-free-firmware" \

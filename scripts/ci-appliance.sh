@@ -6,15 +6,16 @@
 #   fast      pytest tests/test_ansible.py: syntax-check, ansible-lint (production profile), first-boot parser
 #   converge  MEMENTO_APPLIANCE=1 pytest tests/test_ansible.py: role into an arm64 rootfs twice (changed=0) + checks
 #   image     image/build.sh --profile ${MEMENTO_CI_IMAGE_PROFILE:-reduced}
-#   boot      image/boot-test.sh (QEMU, /healthz, remember/recall, RSS, systemd-analyze)
+#   boot      image/boot-test.sh (QEMU, /healthz, remember/recall, RSS, systemd-analyze, N mixed requests)
 #
 #   scripts/ci-appliance.sh [--setup|--fast|--no-image|--all]      default: --all
 #
-# --all runs image + boot only with MEMENTO_CI_IMAGE=1: measured cold on this 2-core machine the image build
-# alone takes ~45 min (two emulated Debian installs + pip under qemu-user + one initramfs) and the boot
-# test ~10 min, which would push CI past its budget; fast + converge (~30 min cold, ~12 min with the
-# rootfs tarball cached in MEMENTO_IMAGE_CACHE) is the default. MEMENTO_IMAGE_CACHE may point outside the
-# clone (e.g. /var/cache/memento-edge-image) so CI runs on the same machine reuse the Debian tarballs.
+# Why the reduced image in CI: the full image costs a second emulated Debian install (the Pi-only packages)
+# and ~10 min of xz, which would take a cold CI past 60 min. The reduced profile is the same recipe minus
+# raspi-firmware/firmware-brcm80211/wireless-regdb and xz, and its Debian tarball (with the initramfs
+# already built) is the one the converge stage just made, so the image stage costs one converge plus
+# assembly. MEMENTO_IMAGE_CACHE may point outside the clone (.ci/run: /var/cache/memento-edge/image) so
+# later runs on the same machine reuse the tarball.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -76,7 +77,11 @@ converge() { MEMENTO_APPLIANCE=1 timeout 3600 "$py" -m pytest -q tests/test_ansi
 image() {
   timeout 5400 "$repo/image/build.sh" --profile "${MEMENTO_CI_IMAGE_PROFILE:-reduced}"
 }
-boot() { timeout 3000 "$repo/image/boot-test.sh" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}"; }
+boot() {
+  local img
+  img="$(ls -1t "$repo"/image/out/memento-edge-*.img | head -1)"
+  timeout 3000 "$repo/image/boot-test.sh" "$img" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}"
+}
 
 write_times() {
   {
@@ -97,10 +102,8 @@ case "$mode" in
   --all)
     stage fast fast
     stage converge converge
-    if [ "${MEMENTO_CI_IMAGE:-0}" = 1 ]; then
-      stage image image
-      stage boot boot
-    fi
+    stage image image
+    stage boot boot
     ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

@@ -147,9 +147,94 @@ def _recap(stdout: str) -> Dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
 
+# --- the device's pinned dependencies -------------------------------------------------------------------------
+LOCK = ANSIBLE_DIR / "roles" / "memento_edge" / "files" / "requirements-device.txt"
+# Declared by a pinned package but deliberately not installed on the device (reason in the lock file).
+LOCK_LEFT_OUT = {"huggingface-hub"}
+
+
+def _canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock_pins() -> Dict[str, str]:
+    """{canonical name: pinned version} from requirements-device.txt (every line must be `name==version`)."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"not an exact pin: {line}"
+        pins[_canon(req.name)] = specs[0].version
+    return pins
+
+
+def test_lock_pins_every_direct_dependency() -> None:
+    """Every run-time dependency in pyproject.toml is pinned in the device lock."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = _lock_pins()
+    missing = [d for d in deps if _canon(Requirement(d).name) not in pins]
+    assert not missing, f"pyproject dependencies not pinned in {LOCK.name}: {missing}"
+
+
+def test_lock_matches_the_tested_versions() -> None:
+    """The device gets exactly the versions this test run uses."""
+    from importlib.metadata import version
+
+    pins = _lock_pins()
+    wrong = {n: (v, version(n)) for n, v in pins.items() if version(n) != v}
+    assert not wrong, f"lock pin vs installed here: {wrong}"
+
+
+def test_lock_is_closed_under_dependencies() -> None:
+    """Installing the lock with --no-deps leaves nothing out except the documented exclusions."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    pins = _lock_pins()
+    missing = set()
+    for name in pins:
+        for spec in requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            if _canon(req.name) not in pins and _canon(req.name) not in LOCK_LEFT_OUT:
+                missing.add(f"{name} -> {req.name}")
+    assert not missing, f"dependencies missing from {LOCK.name}: {sorted(missing)}"
+
+
+def test_tokenizer_works_without_huggingface_hub() -> None:
+    """The engine's tokenizer path never imports huggingface_hub (so leaving it off the device is safe)."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'huggingface_hub': raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from tokenizers import Tokenizer\n"
+        f"t = Tokenizer.from_file({str(MODEL_DIR / 'tokenizer.json')!r})\n"
+        "assert t.encode('buy food').ids\n"
+        "import memento_edge.embedder, memento_edge.web\n"
+        "assert 'huggingface_hub' not in sys.modules\n"
+    )
+    if not (MODEL_DIR / "tokenizer.json").exists():
+        pytest.fail(f"model dir {MODEL_DIR} missing: run scripts/build-model")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
-    """Two converges of the role into a fresh minimal arm64 rootfs; yields paths and both outputs."""
+    """Two converges of the role into a fresh arm64 rootfs (the reduced image's base); yields paths and both outputs."""
     if not SLOW:
         pytest.skip("set MEMENTO_APPLIANCE=1")
     assert os.geteuid() == 0, "the converge test needs root (chroot)"
@@ -164,7 +249,7 @@ def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
                    check=True, timeout=600)
     wheel = sorted(dist.glob("memento_edge-*.whl"))[-1]
     tarball = work / "rootfs.tar"
-    subprocess.run([str(REPO / "image/rootfs.sh"), "minimal", str(tarball)], check=True, timeout=3600)
+    subprocess.run([str(REPO / "image/rootfs.sh"), "reduced", str(tarball)], check=True, timeout=3600)
     rootfs = work / "rootfs"
     if rootfs.exists():
         shutil.rmtree(rootfs)
@@ -296,7 +381,7 @@ def test_unit_is_hardened_and_enabled(converged) -> None:  # noqa: ANN001
     unit = (root / "etc/systemd/system/memento-edge.service").read_text()
     for line in ("User=memento-edge", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
                  "PrivateTmp=yes", "ReadWritePaths=/var/lib/memento-edge", "MemoryMax=200M",
-                 "Restart=on-failure", "CapabilityBoundingSet=",
+                 "Restart=on-failure", "CapabilityBoundingSet=", "MemoryDenyWriteExecute=yes",
                  "ExecStart=/opt/memento-edge/venv/bin/memento-edge --config /etc/memento-edge/config.yaml serve"):
         assert re.search(rf"^{re.escape(line)}$", unit, flags=re.M), line
     wants = root / "etc/systemd/system/multi-user.target.wants/memento-edge.service"
@@ -308,7 +393,8 @@ def test_unit_is_hardened_and_enabled(converged) -> None:  # noqa: ANN001
 def test_installed_package_runs_under_emulation(converged) -> None:  # noqa: ANN001
     """The venv on the arm64 rootfs imports the package and its runtime deps (qemu-user)."""
     root: Path = converged["rootfs"]
-    code = "import memento_edge, numpy, onnxruntime, tokenizers, sqlite_vec, flask, waitress, yaml, click; print('ok')"
+    code = ("import importlib.util, memento_edge, numpy, onnxruntime, tokenizers, sqlite_vec, flask, waitress, yaml, "
+            "click; assert importlib.util.find_spec('huggingface_hub') is None, 'left out on purpose'; print('ok')")
     res = subprocess.run(["chroot", str(root), "/opt/memento-edge/venv/bin/python", "-c", code],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
