@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import heapq
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -91,6 +92,80 @@ class Embedder(Protocol):
 # Python-side cost of one entry besides the vector itself: 16-byte digest key (bytes object),
 # ndarray header, OrderedDict node. Counted so that `cache_mb` bounds real memory, not just floats.
 _ENTRY_OVERHEAD = 256
+
+
+class Watchdog:
+    """One daemon thread that calls a function when a deadline passes, for any number of runs.
+
+    Replaces a ``threading.Timer`` per inference: starting a thread costs little alone, but
+    ``Thread.start()`` waits until the new thread holds the GIL, which under 4 concurrent recalls is a
+    scheduling round (up to the 5 ms switch interval) added to every query. Here arming and disarming
+    are a heap push and a dict delete under one lock; the thread sleeps until the earliest deadline.
+    """
+
+    def __init__(self, name: str = "memento-watchdog") -> None:
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: List[Tuple[float, int]] = []
+        self._armed: Dict[int, Callable[[], None]] = {}
+        self._seq = 0
+        self._thread: Optional[threading.Thread] = None
+        self._stopped = False
+
+    def arm(self, timeout: float, fire: Callable[[], None]) -> int:
+        """Call ``fire()`` (on the watchdog thread) after ``timeout`` s unless disarmed; returns a handle."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._seq += 1
+            handle = self._seq
+            self._armed[handle] = fire
+            heapq.heappush(self._heap, (deadline, handle))
+            if self._thread is None:
+                self._stopped = False
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == handle:   # a new earliest deadline: the sleeper must re-plan
+                self._cond.notify()
+        return handle
+
+    def disarm(self, handle: int) -> None:
+        """Cancel ``handle`` (a no-op when it already fired). Its heap entry is dropped when due."""
+        with self._cond:
+            self._armed.pop(handle, None)
+            if not self._armed:
+                self._heap.clear()      # nothing armed: no stale entries to wake up for
+
+    def stop(self) -> None:
+        """End the thread (armed deadlines are dropped); a later ``arm`` starts a new one."""
+        with self._cond:
+            self._stopped = True
+            self._armed.clear()
+            self._heap.clear()
+            self._cond.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            due: List[Callable[[], None]] = []
+            with self._cond:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _deadline, handle = heapq.heappop(self._heap)
+                    fire = self._armed.pop(handle, None)
+                    if fire is not None:
+                        due.append(fire)
+                if not due:
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                    continue
+            for fire in due:
+                try:
+                    fire()
+                except Exception:  # a failing callback must not kill the watchdog for everyone
+                    log.exception("watchdog callback failed")
 
 
 class LRUCache:
@@ -387,6 +462,7 @@ class OnnxEmbedder(CachedEmbedding):
             slots = max(1, (os.cpu_count() or 1) // max(1, self._intra_threads or 1))
         self.max_concurrent_runs = max(1, int(slots))
         self._slots = threading.BoundedSemaphore(self.max_concurrent_runs)
+        self._watchdog = Watchdog("memento-embed-timeout")
 
         # State below is guarded by _cond.
         self._cond = threading.Condition(threading.Lock())
@@ -584,6 +660,7 @@ class OnnxEmbedder(CachedEmbedding):
     def close(self) -> None:
         """Unload and refuse further work (stops the idle watcher)."""
         self.unload()
+        self._watchdog.stop()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -694,10 +771,7 @@ class OnnxEmbedder(CachedEmbedding):
             fired.set()
             run_options.terminate = True   # onnxruntime aborts the run at the next node
 
-        timer = threading.Timer(timeout, stop) if timeout > 0 else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        handle = self._watchdog.arm(timeout, stop) if timeout > 0 else None
         try:
             (vecs,) = session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask},
                                   run_options)
@@ -708,8 +782,8 @@ class OnnxEmbedder(CachedEmbedding):
                                    retry_after=max(1.0, timeout / 4)) from exc
             raise ModelUnavailable(f"embedding inference failed: {exc}") from exc
         finally:
-            if timer is not None:
-                timer.cancel()
+            if handle is not None:
+                self._watchdog.disarm(handle)
         with self._stats_lock:
             self.run_count += 1
         return np.asarray(vecs, dtype=np.float32)

@@ -819,13 +819,17 @@ class Store:
         if match is None:
             return []
         where, params = filter_sql(filters or {})
+        if params:
+            sql = f"""SELECT m.id, bm25(memories_fts) AS s FROM memories_fts
+                      JOIN memories m ON m.id = memories_fts.rowid
+                      WHERE memories_fts MATCH ? AND {where} ORDER BY s LIMIT ?"""
+        else:
+            # No filter: skip the join. The triggers keep the FTS index in step with `memories`, and
+            # joining every match (often >1,000 for a 4-word query at 10k) costs ~20% of the search.
+            sql = ("SELECT rowid, bm25(memories_fts) AS s FROM memories_fts "
+                   "WHERE memories_fts MATCH ? ORDER BY s LIMIT ?")
         with self.reader() as c:
-            rows = c.execute(
-                f"""SELECT m.id, bm25(memories_fts) AS s FROM memories_fts
-                    JOIN memories m ON m.id = memories_fts.rowid
-                    WHERE memories_fts MATCH ? AND {where} ORDER BY s LIMIT ?""",
-                [match, *params, k],
-            ).fetchall()
+            rows = c.execute(sql, [match, *params, k]).fetchall()
         return [(int(r[0]), -float(r[1])) for r in rows]
 
     def get_vector(self, memory_id: int) -> Optional[np.ndarray]:

@@ -582,3 +582,39 @@ def test_real_fingerprint_without_loading() -> None:
     e = OnnxEmbedder(Settings(model_dir=str(_real_model_dir())))
     fp = e.fingerprint
     assert len(fp) == 64 and not e.loaded
+
+
+# --- Watchdog (the one timeout thread that replaced a threading.Timer per run) ------------------------------
+def test_watchdog_fires_only_undisarmed_deadlines_in_order() -> None:
+    from memento_edge.embedder import Watchdog
+
+    wd = Watchdog()
+    fired: List[str] = []
+    done = threading.Event()
+    wd.arm(0.15, lambda: (fired.append("late"), done.set()))
+    cancelled = wd.arm(0.05, lambda: fired.append("cancelled"))
+    wd.arm(0.08, lambda: fired.append("early"))   # earlier than the sleeper's head: it must re-plan
+    wd.disarm(cancelled)
+    assert done.wait(5)
+    assert fired == ["early", "late"]
+    wd.stop()
+
+
+def test_watchdog_starts_one_thread_and_survives_a_failing_callback() -> None:
+    from memento_edge.embedder import Watchdog
+
+    wd = Watchdog(name="wd-under-test")
+    ok = threading.Event()
+
+    def boom() -> None:
+        raise RuntimeError("callback failure")
+
+    handles = [wd.arm(30, lambda: None) for _ in range(100)]
+    assert [t.name for t in threading.enumerate()].count("wd-under-test") == 1
+    for h in handles:
+        wd.disarm(h)
+    wd.arm(0.01, boom)
+    wd.arm(0.05, ok.set)
+    assert ok.wait(5), "the watchdog died with the failing callback"
+    wd.stop()
+    assert "wd-under-test" not in [t.name for t in threading.enumerate()]
