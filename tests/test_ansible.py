@@ -234,7 +234,11 @@ def test_tokenizer_works_without_huggingface_hub() -> None:
 
 @pytest.fixture(scope="module")
 def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
-    """Two converges of the role into a fresh arm64 rootfs (the reduced image's base); yields paths and both outputs."""
+    """Two converges of the role into a fresh arm64 rootfs; yields paths and both outputs.
+
+    The rootfs is image/rootfs.sh's tarball for MEMENTO_IMAGE_PROFILE (default full), the same one the
+    image build starts from, so CI installs Debian under emulation once for both.
+    """
     if not SLOW:
         pytest.skip("set MEMENTO_APPLIANCE=1")
     assert os.geteuid() == 0, "the converge test needs root (chroot)"
@@ -249,7 +253,8 @@ def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
                    check=True, timeout=600)
     wheel = sorted(dist.glob("memento_edge-*.whl"))[-1]
     tarball = work / "rootfs.tar"
-    subprocess.run([str(REPO / "image/rootfs.sh"), "reduced", str(tarball)], check=True, timeout=3600)
+    profile = os.environ.get("MEMENTO_IMAGE_PROFILE", "full")
+    subprocess.run([str(REPO / "image/rootfs.sh"), profile, str(tarball)], check=True, timeout=3600)
     rootfs = work / "rootfs"
     if rootfs.exists():
         shutil.rmtree(rootfs)
