@@ -12,7 +12,7 @@
 #
 # --profile reduced: the same recipe and files minus the Pi-only packages (raspi-firmware,
 # firmware-brcm80211, wireless-regdb; see image/rootfs.sh) and without xz. It boots under QEMU but not on
-# a Pi, so it is named image/out/memento-edge-<version>-arm64-reduced.img; CI builds it and boot-tests it.
+# a Pi, so it is named image/out/memento-edge-<version>-arm64-reduced.img (quick iterations; CI's fallback).
 # Stage times go to image/out/build-times.json.
 #
 # Needs root, qemu-user-static (binfmt), mmdebstrap, dosfstools, mtools, fdisk, e2fsprogs, xz; the wheel

@@ -7,9 +7,9 @@
 # PROFILE: full    - the Pi Zero 2 W appliance: systemd, python3-venv, avahi, the arm64 kernel, SSH,
 #                    wpa_supplicant, + the Pi-only packages raspi-firmware (boot files, config.txt),
 #                    firmware-brcm80211 (the Zero 2 W's Wi-Fi) and wireless-regdb
-#          reduced - the same minus the Pi-only packages: what a QEMU `virt` boot can exercise. CI's image
-#                    and boot test use it, and so does the Ansible converge test (one cold Debian install
-#                    serves both).
+#          reduced - the same minus the Pi-only packages: what a QEMU `virt` boot can exercise.
+# The Ansible converge test takes the tarball of the profile the image build uses (MEMENTO_IMAGE_PROFILE),
+# so one cold Debian install serves both in CI.
 #
 # The expensive, input-only work happens here, once per recipe: the emulated Debian install and the one
 # initramfs build (~4.5 min under qemu-user, MODULES=most) with the appliance's initramfs/raspi-firmware

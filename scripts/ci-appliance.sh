@@ -6,7 +6,8 @@
 #   fast      pytest tests/test_ansible.py: syntax-check, ansible-lint (production profile), first-boot parser
 #   converge  MEMENTO_APPLIANCE=1 pytest tests/test_ansible.py: role into an arm64 rootfs twice (changed=0) + checks
 #   image     image/build.sh --profile ${MEMENTO_IMAGE_PROFILE:-full}
-#   boot      image/boot-test.sh (QEMU, /healthz, remember/recall, RSS, systemd-analyze, N mixed requests)
+#   boot      image/boot-test.sh --provision (QEMU, /healthz, remember/recall, RSS, systemd-analyze, N mixed
+#             requests, then ansible/site.yml over SSH against the booted image: changed=0)
 #
 #   scripts/ci-appliance.sh [--setup|--fast|--no-image|--all]      default: --all
 #
@@ -82,7 +83,8 @@ image() {
 boot() {
   local img
   img="$(ls -1t "$repo"/image/out/memento-edge-*.img | head -1)"
-  timeout 3000 "$repo/image/boot-test.sh" "$img" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}"
+  # --provision: the "provision a live Pi" path, the only run of the role's tasks that need a running system.
+  timeout 3000 "$repo/image/boot-test.sh" "$img" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}" --provision
 }
 
 write_times() {
