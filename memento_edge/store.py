@@ -436,7 +436,7 @@ class Store:
             # FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss.
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA cache_size = -2000")  # 2 MB per connection: the board has 512 MB
+            conn.execute("PRAGMA cache_size = -1000")  # 1 MB per connection: the board has 512 MB
             conn.execute("PRAGMA journal_size_limit = 4194304")  # truncate the WAL after checkpoints
             conn.execute("PRAGMA temp_store = FILE")
         except sqlite3.Error as exc:
