@@ -48,9 +48,10 @@ case "$profile" in
   *) echo "unknown profile: $profile" >&2; exit 2 ;;
 esac
 files="$here/files"
-# Files that shape /boot: they go in before the initramfs build and are part of the cache key.
-boot_inputs=("$files/etc/fstab" "$files/etc/default/raspi-firmware" "$files/etc/default/raspi-firmware-custom"
-             "$files/etc/initramfs-tools/conf.d/memento-edge.conf")
+# Files that shape /boot, relative to image/files/ and to the root: they go in before the initramfs build
+# and are part of the cache key.
+boot_inputs=(etc/fstab etc/default/raspi-firmware etc/default/raspi-firmware-custom
+             etc/initramfs-tools/conf.d/memento-edge.conf)
 
 ensure_binfmt() {
   # qemu-user-static must be registered with binfmt_misc for the arm64 chroot to run.
@@ -65,7 +66,7 @@ ensure_binfmt() {
 
 # Bump when the mmdebstrap invocation below changes meaningfully (the key covers packages and files).
 recipe_version=2
-key="$( { echo "$recipe_version $profile $suite $mirror"; printf '%s\n' "${pkgs[@]}"; cat "$files/dpkg-excludes.cfg" "${boot_inputs[@]}"; } \
+key="$( { echo "$recipe_version $profile $suite $mirror"; printf '%s\n' "${pkgs[@]}"; cat "$files/dpkg-excludes.cfg"; (cd "$files" && cat "${boot_inputs[@]}"); } \
         | sha256sum | cut -c1-16)"
 cached="$cache/rootfs-$profile-$key.tar"
 mkdir -p "$cache"
@@ -81,9 +82,7 @@ if [ ! -s "$cached" ]; then
     --essential-hook='chroot "$1" dpkg-divert --local --rename --add /usr/sbin/update-initramfs' \
     --essential-hook='ln -sf /bin/true "$1/usr/sbin/update-initramfs"' \
     --essential-hook='mkdir -p "$1/boot/firmware"' \
-    --customize-hook="install -m 0644 '$files/etc/fstab' \"\$1/etc/fstab\"" \
-    --customize-hook="install -m 0644 '$files/etc/default/raspi-firmware' '$files/etc/default/raspi-firmware-custom' \"\$1/etc/default/\"" \
-    --customize-hook="install -D -m 0644 '$files/etc/initramfs-tools/conf.d/memento-edge.conf' \"\$1/etc/initramfs-tools/conf.d/memento-edge.conf\"" \
+    --customize-hook="for f in ${boot_inputs[*]}; do install -D -m 0644 '$files'/\$f \"\$1\"/\$f; done" \
     --customize-hook='rm -f "$1/usr/sbin/update-initramfs"' \
     --customize-hook='chroot "$1" dpkg-divert --local --rename --remove /usr/sbin/update-initramfs' \
     --customize-hook='chroot "$1" update-initramfs -c -k all' \

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = REPO / "ansible"
@@ -153,10 +154,6 @@ LOCK = ANSIBLE_DIR / "roles" / "memento_edge" / "files" / "requirements-device.t
 LOCK_LEFT_OUT = {"huggingface-hub"}
 
 
-def _canon(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _lock_pins() -> Dict[str, str]:
     """{canonical name: pinned version} from requirements-device.txt (every line must be `name==version`)."""
     from packaging.requirements import Requirement
@@ -169,7 +166,7 @@ def _lock_pins() -> Dict[str, str]:
         req = Requirement(line)
         specs = list(req.specifier)
         assert len(specs) == 1 and specs[0].operator == "==", f"not an exact pin: {line}"
-        pins[_canon(req.name)] = specs[0].version
+        pins[canonicalize_name(req.name)] = specs[0].version
     return pins
 
 
@@ -181,7 +178,7 @@ def test_lock_pins_every_direct_dependency() -> None:
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = _lock_pins()
-    missing = [d for d in deps if _canon(Requirement(d).name) not in pins]
+    missing = [d for d in deps if canonicalize_name(Requirement(d).name) not in pins]
     assert not missing, f"pyproject dependencies not pinned in {LOCK.name}: {missing}"
 
 
@@ -207,7 +204,7 @@ def test_lock_is_closed_under_dependencies() -> None:
             req = Requirement(spec)
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
-            if _canon(req.name) not in pins and _canon(req.name) not in LOCK_LEFT_OUT:
+            if canonicalize_name(req.name) not in pins and canonicalize_name(req.name) not in LOCK_LEFT_OUT:
                 missing.add(f"{name} -> {req.name}")
     assert not missing, f"dependencies missing from {LOCK.name}: {sorted(missing)}"
 
