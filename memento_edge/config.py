@@ -42,6 +42,15 @@ def _optional_str(value: Any) -> Optional[str]:
     return None if value in (None, "") else str(value)
 
 
+def _clock_mode(value: Any) -> str:
+    from .clock import CLOCK_MODES
+
+    text = str(value).strip().lower()
+    if text not in CLOCK_MODES:
+        raise ValueError(f"clock must be one of {', '.join(CLOCK_MODES)}")
+    return text
+
+
 SETTINGS: List[Setting] = [
     Setting("home", _optional_str, None,
             "State directory; default $XDG_DATA_HOME/memento-edge (~/.local/share/memento-edge)."),
@@ -76,6 +85,9 @@ SETTINGS: List[Setting] = [
             "duplicate of an existing one (0 = exact text only)."),
     Setting("vector_backend", str, "auto",
             "Vector index of a NEW database: auto (sqlite-vec when loadable, else numpy), sqlite-vec, numpy."),
+    Setting("clock", _clock_mode, "auto",
+            "Trust in the wall clock: auto (systemd-timesyncd / kernel NTP state), trusted (board with an "
+            "RTC), untrusted. Memories stored while it is untrusted are flagged and re-dated once it is."),
     Setting("log_level", str, "INFO", "Logging level."),
     Setting("tokens", list, [], "API tokens: list of {name, sha256, scopes} (see `memento-edge token create`)."),
 ]
@@ -110,6 +122,7 @@ class Settings:
     synchronous: str = "FULL"
     dedupe_threshold: float = 0.0
     vector_backend: str = "auto"
+    clock: str = "auto"
     log_level: str = "INFO"
     tokens: List[Dict[str, Any]] = field(default_factory=list)
     config_file: Optional[str] = None

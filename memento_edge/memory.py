@@ -7,6 +7,7 @@ the database write lock, and hands rows to the store.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, S
 import numpy as np
 
 from . import store as _store
+from .clock import ClockReading, ClockSource, SystemClock
 from .config import Settings
 from .errors import (
     Busy, InvalidInput, MementoError, ModelMismatch, ModelUnavailable, NotFound, StoreError,
@@ -32,7 +34,12 @@ MAX_METADATA_CHARS = 16_000
 MAX_TOPK = 100
 MODES = ("hybrid", "vector", "keyword")
 FILTER_KEYS = ("collection", "tags_any", "tags_all", "source", "session_id", "min_importance", "since",
-               "until", "metadata")
+               "until", "metadata", "untrusted_time")
+# What a filter does with memories stored while the board's clock was not trusted (clock.py): "include"
+# (default) matches them by the time they were stamped with; "exclude" leaves them out.
+UNTRUSTED_TIME = ("include", "exclude")
+# How often (s) a process re-checks for untrusted rows another process (the CLI beside the service) wrote.
+CLOCK_RECHECK_S = 60.0
 ITEM_KEYS = ("text", "collection", "tags", "source", "session_id", "importance", "metadata", "created_at")
 # Hybrid fusion: weight of the vector side in a convex combination of min-max-normalised scores.
 # Measured on LoCoMo dev (bench/quality.py): evidence R@10 0.699 vs 0.603 for reciprocal-rank fusion
@@ -43,6 +50,7 @@ HYBRID_POOL = 50
 WRITE_BATCH = 64
 
 Progress = Callable[[int, Optional[int]], None]
+_log = logging.getLogger(__name__)
 
 
 def _iso(ts: Optional[float]) -> Optional[str]:
@@ -66,6 +74,7 @@ class MemoryRecord:
     created_at: str
     updated_at: str
     content_hash: str
+    clock_trusted: bool
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "MemoryRecord":
@@ -81,7 +90,7 @@ def _record_fields(row: Mapping[str, Any]) -> Dict[str, Any]:
         "id": row["id"], "text": row["text"], "collection": row["collection"], "tags": list(row["tags"]),
         "source": row["source"], "session_id": row["session_id"], "importance": row["importance"],
         "metadata": row["metadata"], "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
-        "content_hash": row["content_hash"],
+        "content_hash": row["content_hash"], "clock_trusted": bool(row.get("clock_trusted", True)),
     }
 
 
@@ -159,7 +168,7 @@ class Memory:
     """
 
     def __init__(self, settings: Optional[Settings] = None, *, embedder: Any = None,
-                 vector_backend: Optional[str] = None) -> None:
+                 vector_backend: Optional[str] = None, clock: Optional[ClockSource] = None) -> None:
         self.settings = settings or Settings.load()
         if embedder is None:
             from .embedder import make_embedder  # lazy: onnxruntime is heavy and optional on armv6
@@ -171,6 +180,10 @@ class Memory:
                                   vector_backend=vector_backend or self.settings.vector_backend)
         self._fp_lock = threading.Lock()
         self._fingerprint_ok: Optional[bool] = None
+        self.clock: ClockSource = clock or SystemClock(self.settings.clock)
+        self._clock_lock = threading.Lock()
+        self._clock_checked_at: Optional[float] = None  # monotonic time of the last untrusted-rows check
+        self.clock_corrections = 0  # rows re-dated by this process (a /metrics counter)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -205,6 +218,30 @@ class Memory:
             raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
         return np.asarray(self.embedder.embed_batch(list(texts)), dtype=np.float32)
 
+    # --- clock guard ------------------------------------------------------------------------------
+    def _clock_reading(self) -> ClockReading:
+        """Read the clock; once it is trusted, first re-date rows stamped earlier in this boot."""
+        reading = self.clock.read()
+        if not reading.trusted:
+            self._clock_checked_at = None  # rows stamped now will need a check once trusted
+            return reading
+        mono = time.monotonic()
+        if self._clock_checked_at is not None and mono - self._clock_checked_at < CLOCK_RECHECK_S:
+            return reading
+        with self._clock_lock:
+            self._clock_checked_at = mono
+            if reading.boot_id is not None and self.store.untrusted_clock_count(reading.boot_id):
+                fixed = self.store.correct_clock(reading)
+                self.clock_corrections += fixed
+                _log.warning("clock is trusted again: re-dated %d memories stored while it was not", fixed)
+        return reading
+
+    def clock_state(self) -> Dict[str, Any]:
+        """The clock's trust, where it comes from, and the memories whose time is still unverified."""
+        self._clock_reading()
+        return {**self.clock.state(), "untrusted_memories": self.store.untrusted_clock_count(),
+                "corrected": self.clock_corrections}
+
     # --- writes ------------------------------------------------------------------------------------
     def remember(self, text: str, *, collection: str = "default", tags: Sequence[str] = (),
                  source: Optional[str] = None, session_id: Optional[str] = None, importance: float = 0.5,
@@ -236,6 +273,7 @@ class Memory:
         near = self._near_duplicates(batch, vec_of) if self.settings.dedupe_threshold > 0 else {}
         out: List[RememberResult] = []
         seen: Dict[Tuple[str, str], int] = {}
+        stamp = self._clock_reading()
         with self.store.writer() as conn:
             for i, item in enumerate(batch):
                 key = (item["collection"], item["text"])
@@ -246,7 +284,7 @@ class Memory:
                 if i in near:
                     out.append(RememberResult(id=near[i], created=False, duplicate_of=near[i]))
                     continue
-                mid = self.store.insert(conn, item, vec_of[i])
+                mid = self.store.insert(conn, item, vec_of[i], stamp)
                 seen[key] = mid
                 out.append(RememberResult(id=mid, created=True))
         return out
@@ -273,9 +311,10 @@ class Memory:
         clean = _validate_item({"text": "x", **given}, partial=True)
         fields = {k: clean[k] for k in given if k != "tags"}
         vector = self._vectors([clean["text"]])[0] if "text" in given else None
+        now = self._clock_reading().wall
         with self.store.writer() as conn:
             if not self.store.update(conn, memory_id, fields, clean.get("tags") if "tags" in given else None,
-                                     vector):
+                                     vector, now):
                 raise NotFound(f"no memory with id {memory_id}", field="id")
         return self.get(memory_id)
 
@@ -308,6 +347,7 @@ class Memory:
                 raise InvalidInput("cursor is not one this service issued", field="cursor") from None
             if not 0 < before <= _INT64:
                 raise InvalidInput("cursor is not one this service issued", field="cursor")
+        self._clock_reading()
         rows = self.store.recent(collection, limit + 1, before)
         more = len(rows) > limit
         rows = rows[:limit]
@@ -315,7 +355,9 @@ class Memory:
 
     def count(self, filters: Optional[Mapping[str, Any]] = None) -> int:
         """Number of memories matching ``filters``."""
-        return self.store.count(_validate_filters(filters))
+        flt = _validate_filters(filters)
+        self._clock_reading()
+        return self.store.count(flt)
 
     def recall(self, query: str, *, topk: int = 5, mode: str = "hybrid",
                filters: Optional[Mapping[str, Any]] = None) -> RecallResult:
@@ -330,6 +372,7 @@ class Memory:
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
         flt = _validate_filters(filters)
+        self._clock_reading()  # time filters must see re-dated rows
         note = None
         qvec = None
         if mode != "keyword":
@@ -394,6 +437,7 @@ class Memory:
         except MementoError as exc:  # pragma: no cover - defensive
             emb = {"error": str(exc)}
         info["embedder"] = emb
+        info["clock"] = self.clock_state()
         try:
             fp = self.embedder.fingerprint
             info["model_state"] = "loaded" if self.embedder.loaded else "cold"
@@ -465,8 +509,14 @@ class Memory:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise InvalidInput("each line must be a JSON object", field="line")
-                obj = {k: v for k, v in obj.items() if k not in ("id", "updated_at", "content_hash")}
-                batch.append(_validate_item(obj))
+                # A memory exported with an unverified time keeps that flag: importing it must not launder it.
+                untrusted = obj.get("clock_trusted") is False
+                obj = {k: v for k, v in obj.items()
+                       if k not in ("id", "updated_at", "content_hash", "clock_trusted")}
+                item = _validate_item(obj)
+                if untrusted:
+                    item["clock_untrusted"] = True
+                batch.append(item)
             except (ValueError, InvalidInput) as exc:
                 result.error_count += 1
                 if len(result.errors) < max_errors:
@@ -695,6 +745,10 @@ def _validate_filters(filters: Any) -> Dict[str, Any]:
                 out[key] = tags
         elif key == "min_importance":
             out[key] = _number(value, fname, 0.0, 1.0)
+        elif key == "untrusted_time":
+            if value not in UNTRUSTED_TIME:
+                raise InvalidInput(f"{fname} must be one of {', '.join(UNTRUSTED_TIME)}", field=fname)
+            out[key] = value
         elif key in ("since", "until"):
             out[key] = _timestamp(value, fname)
         elif key == "metadata":

@@ -92,6 +92,18 @@ def m002_idempotency(conn: sqlite3.Connection) -> None:
     )
 
 
+
+@migration
+def m003_clock_guard(conn: sqlite3.Connection) -> None:
+    # A board without an RTC can run on a wrong clock until NTP answers (see clock.py). Rows written then
+    # are flagged and keep a monotonic reference so they can be re-dated once the clock is trusted in the
+    # same boot. Existing rows were written before the guard existed: they count as trusted.
+    conn.execute("ALTER TABLE memories ADD COLUMN clock_trusted INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE memories ADD COLUMN clock_boot_id TEXT")
+    conn.execute("ALTER TABLE memories ADD COLUMN clock_boot_ns INTEGER")
+    # Partial: it holds only the (normally zero) untrusted rows, so it costs nothing on a synced board.
+    conn.execute("CREATE INDEX memories_untrusted ON memories (clock_boot_id) WHERE clock_trusted = 0")
+
 def applied(conn: sqlite3.Connection) -> List[str]:
     """Names of the migrations already applied to ``conn``'s database, in order."""
     exists = conn.execute(

@@ -56,6 +56,9 @@ def _schemas() -> Dict[str, Any]:
         "created_at": {"type": "string", "description": "ISO-8601 UTC."},
         "updated_at": {"type": "string", "description": "ISO-8601 UTC."},
         "content_hash": _STRING,
+        "clock_trusted": {"type": "boolean",
+                          "description": "false while created_at was stamped by a clock not yet verified "
+                                         "(no RTC, no NTP yet); corrected and set true once it is."},
     }
     record_required = ["id", "text", "collection", "tags", "importance", "metadata", "created_at",
                        "updated_at"]
@@ -139,6 +142,10 @@ def _schemas() -> Dict[str, Any]:
                 "since": {"type": "string", "description": "ISO-8601 timestamp (inclusive)."},
                 "until": {"type": "string", "description": "ISO-8601 timestamp (exclusive)."},
                 "metadata": {"type": "object", "description": "Equality on top-level metadata keys."},
+                "untrusted_time": {"type": "string", "enum": ["include", "exclude"], "default": "include",
+                                   "description": "Memories whose time is unverified (clock_trusted false): "
+                                                  "include matches them by their stamped time, exclude "
+                                                  "leaves them out."},
             },
         },
         "RecallRequest": {

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import migrations
+from .clock import ClockReading
 from .errors import Busy, InvalidInput, StorageFull, StoreError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -610,16 +611,26 @@ class Store:
         ).fetchone()
         return None if row is None else int(row[0])
 
-    def insert(self, conn: sqlite3.Connection, row: Mapping[str, Any], vector: Optional[np.ndarray]) -> int:
-        """Insert one memory (inside the caller's ``writer()`` transaction); returns its id."""
-        now = time.time()
+    def insert(self, conn: sqlite3.Connection, row: Mapping[str, Any], vector: Optional[np.ndarray],
+               stamp: Optional[ClockReading] = None) -> int:
+        """Insert one memory (inside the caller's ``writer()`` transaction); returns its id.
+
+        ``stamp`` is the clock reading of the write (default: the wall clock, trusted). An explicit
+        ``created_at`` in ``row`` is the caller's own date and always counts as trusted.
+        """
+        if stamp is None:
+            stamp = ClockReading(wall=time.time(), trusted=True, boot_id=None, boot_ns=None)
+        now = stamp.wall
+        trusted = (stamp.trusted or row.get("created_at") is not None) and not row.get("clock_untrusted")
         cur = conn.execute(
             """INSERT INTO memories (text, collection, source, session_id, importance, metadata,
-                                     created_at, updated_at, content_hash)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                     created_at, updated_at, content_hash,
+                                     clock_trusted, clock_boot_id, clock_boot_ns)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (row["text"], row["collection"], row.get("source"), row.get("session_id"),
              float(row.get("importance", 0.5)), json.dumps(row.get("metadata") or {}, ensure_ascii=False),
-             row.get("created_at", now), now, content_hash(row["text"])),
+             row.get("created_at", now), now, content_hash(row["text"]),
+             int(trusted), None if trusted else stamp.boot_id, None if trusted else stamp.boot_ns),
         )
         mid = int(cur.lastrowid or 0)
         tags = row.get("tags") or []
@@ -631,7 +642,7 @@ class Store:
         return mid
 
     def update(self, conn: sqlite3.Connection, memory_id: int, fields: Mapping[str, Any],
-               tags: Optional[Sequence[str]], vector: Optional[np.ndarray]) -> bool:
+               tags: Optional[Sequence[str]], vector: Optional[np.ndarray], now: Optional[float] = None) -> bool:
         """Update columns / tags / vector of one memory; False when it does not exist."""
         if not conn.execute("SELECT 1 FROM memories WHERE id = ?", (memory_id,)).fetchone():
             return False
@@ -640,7 +651,7 @@ class Store:
             cols["metadata"] = json.dumps(cols["metadata"] or {}, ensure_ascii=False)
         if "text" in cols:
             cols["content_hash"] = content_hash(cols["text"])
-        cols["updated_at"] = time.time()
+        cols["updated_at"] = time.time() if now is None else now
         assignments = ", ".join(f"{k} = ?" for k in cols)  # keys come from memory.py's fixed list
         conn.execute(f"UPDATE memories SET {assignments} WHERE id = ?", [*cols.values(), memory_id])
         if tags is not None:
@@ -669,7 +680,7 @@ class Store:
 
     # --- reads ----------------------------------------------------------------------------------
     _COLUMNS = ("m.id, m.text, m.collection, m.source, m.session_id, m.importance, m.metadata, "
-                "m.created_at, m.updated_at, m.content_hash, "
+                "m.created_at, m.updated_at, m.content_hash, m.clock_trusted, "
                 "(SELECT json_group_array(tag) FROM memory_tags t WHERE t.memory_id = m.id) AS tags")
 
     @staticmethod
@@ -677,7 +688,7 @@ class Store:
         return {
             "id": r[0], "text": r[1], "collection": r[2], "source": r[3], "session_id": r[4],
             "importance": r[5], "metadata": json.loads(r[6]), "created_at": r[7], "updated_at": r[8],
-            "content_hash": r[9], "tags": sorted(json.loads(r[10])) if r[10] else [],
+            "content_hash": r[9], "clock_trusted": bool(r[10]), "tags": sorted(json.loads(r[11])) if r[11] else [],
         }
 
     def get_many(self, ids: Sequence[int], conn: Optional[sqlite3.Connection] = None) -> Dict[int, Dict[str, Any]]:
@@ -819,7 +830,7 @@ class Store:
         if match is None:
             return []
         where, params = filter_sql(filters or {})
-        if params:
+        if where != "1":  # a condition may have no parameter (untrusted_time)
             sql = f"""SELECT m.id, bm25(memories_fts) AS s FROM memories_fts
                       JOIN memories m ON m.id = memories_fts.rowid
                       WHERE memories_fts MATCH ? AND {where} ORDER BY s LIMIT ?"""
@@ -853,6 +864,35 @@ class Store:
             c.execute("INSERT OR IGNORE INTO idempotency (key, request_hash, status, body, created_at) "
                       "VALUES (?, ?, ?, ?, ?)", (key, request_hash, status, body, now))
             c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - keep_seconds,))
+
+    # --- clock guard (see clock.py) ---------------------------------------------------------------
+    def untrusted_clock_count(self, boot_id: Optional[str] = None) -> int:
+        """Rows whose time is not trusted (only those stamped in boot ``boot_id`` when given)."""
+        sql, params = "SELECT count(*) FROM memories WHERE clock_trusted = 0", []  # type: str, List[Any]
+        if boot_id is not None:
+            sql += " AND clock_boot_id = ?"
+            params.append(boot_id)
+        with self.reader() as c:
+            return int(c.execute(sql, params).fetchone()[0])
+
+    def correct_clock(self, now: ClockReading) -> int:
+        """Re-date the untrusted rows of ``now``'s boot by the boot time elapsed since; returns how many.
+
+        ``now`` must be a trusted reading. One transaction: a crash leaves every row flagged or every row
+        corrected. ``updated_at`` moves by the same offset as ``created_at`` (both were read from the same
+        wrong clock; SQLite evaluates the right-hand sides on the old row, so the offset is the old one).
+        """
+        if not now.trusted or now.boot_id is None or now.boot_ns is None:
+            return 0
+        true_created = "(:wall - (:boot_ns - clock_boot_ns) / 1e9)"
+        with self.writer() as c:
+            cur = c.execute(
+                f"""UPDATE memories SET updated_at = updated_at + ({true_created} - created_at),
+                                        created_at = {true_created},
+                                        clock_trusted = 1, clock_boot_id = NULL, clock_boot_ns = NULL
+                    WHERE clock_trusted = 0 AND clock_boot_id = :boot_id AND clock_boot_ns IS NOT NULL""",
+                {"wall": now.wall, "boot_ns": now.boot_ns, "boot_id": now.boot_id})
+            return int(cur.rowcount)
 
     # --- maintenance ----------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
@@ -1006,6 +1046,8 @@ def filter_sql(filters: Mapping[str, Any]) -> Tuple[str, List[Any]]:
     if filters.get("until") is not None:
         where.append("m.created_at < ?")
         params.append(filters["until"])
+    if filters.get("untrusted_time") == "exclude":
+        where.append("m.clock_trusted = 1")
     if filters.get("tags_any"):
         tags = list(filters["tags_any"])
         where.append(f"EXISTS (SELECT 1 FROM memory_tags t WHERE t.memory_id = m.id AND t.tag IN "

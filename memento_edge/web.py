@@ -97,6 +97,7 @@ _FILTER_FIELDS: Dict[str, Tuple[str, bool]] = {
     "since": ("str", False),
     "until": ("str", False),
     "metadata": ("object", False),
+    "untrusted_time": ("str", False),
 }
 
 
