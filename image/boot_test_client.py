@@ -82,6 +82,15 @@ def main() -> int:
     status, metrics = call("GET", "/metrics")
     assert status == 200 and len(str(metrics)) > 0, f"/metrics {status}"
     out["api_checks"] = "healthz 200, 401 without token, remember 201, recall top hit, /metrics 200"
+    # The clock guard (README "Time on a board without a clock"): what the service judged, what systemd
+    # says, and whether the first memory was stamped with a trusted time.
+    status, stats = call("GET", "/v1/stats")
+    assert status == 200 and "clock" in stats, f"/v1/stats {status} {stats}"
+    out["clock"] = stats["clock"]
+    status, first = call("GET", f"/v1/memories/{first_id}")
+    out["clock"]["first_memory_clock_trusted"] = first.get("clock_trusted") if status == 200 else None
+    out["clock"]["timedatectl_ntp_synchronized"] = guest(
+        "timedatectl show -p NTPSynchronized --value 2>/dev/null || echo unknown").strip()
     out["systemd_analyze"] = guest("systemd-analyze time | head -1 | sed 's/^Startup finished in //'")
     out["boot_file_after"] = guest("sudo cat /boot/firmware/memento-edge.txt")
     assert TOKEN not in out["boot_file_after"], "API token not wiped from the boot partition"
