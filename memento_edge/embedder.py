@@ -888,7 +888,7 @@ class FakeEmbedder:
     Each lower-cased word adds +-1 at three hashed positions of a 384-d vector, which is then
     L2-normalised: texts sharing words get a high cosine, unrelated texts about 0. Same text,
     same vector, in every process. It honours the :class:`Embedder` protocol (load/unload,
-    cache, stats) so tests of memory.py / web.py can exercise those paths without the model.
+    cache, stats) so tests of memory.py / web/ can exercise those paths without the model.
     ``fail_with`` makes every embed raise that exception (to test degradation paths).
     """
 

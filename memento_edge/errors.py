@@ -1,6 +1,6 @@
 """Domain errors raised by the library.
 
-Only the edges (``cli.py`` and ``web.py``) translate these into exit codes or HTTP responses; nothing
+Only the edges (``cli.py`` and ``web/``) translate these into exit codes or HTTP responses; nothing
 below ``memory.py`` knows about click or Flask.
 """
 from __future__ import annotations

@@ -24,23 +24,17 @@ from .config import Settings
 from .errors import (
     Busy, InvalidInput, MementoError, ModelMismatch, ModelUnavailable, NotFound, StoreError,
 )
+from .schema import (
+    CREATE_FIELDS, FILTER_FIELDS, INT64_MAX, MAX_BATCH_QUERIES, MAX_LIST_LIMIT, MAX_METADATA_CHARS,
+    MAX_METADATA_KEY_CHARS, MAX_NAME_CHARS, MAX_QUERY_CHARS, MAX_TAG_CHARS, MAX_TAGS, MAX_TEXT_CHARS,
+    MAX_TIMESTAMP, MAX_TOPK, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME,
+)
 
-MAX_TEXT_CHARS = 100_000
-MAX_QUERY_CHARS = 1_000
-MAX_TAGS = 50
-MAX_TAG_CHARS = 100
-MAX_NAME_CHARS = 200
-MAX_METADATA_CHARS = 16_000
-MAX_TOPK = 100
-MODES = ("hybrid", "vector", "keyword")
-FILTER_KEYS = ("collection", "tags_any", "tags_all", "source", "session_id", "min_importance", "since",
-               "until", "metadata", "untrusted_time")
-# What a filter does with memories stored while the board's clock was not trusted (clock.py): "include"
-# (default) matches them by the time they were stamped with; "exclude" leaves them out.
-UNTRUSTED_TIME = ("include", "exclude")
+# The field names and limits live in schema.py (one table for the engine, the web layer and OpenAPI).
+FILTER_KEYS = tuple(FILTER_FIELDS)
 # How often (s) a process re-checks for untrusted rows another process (the CLI beside the service) wrote.
 CLOCK_RECHECK_S = 60.0
-ITEM_KEYS = ("text", "collection", "tags", "source", "session_id", "importance", "metadata", "created_at")
+ITEM_KEYS = tuple(CREATE_FIELDS)
 # Hybrid fusion: weight of the vector side in a convex combination of min-max-normalised scores.
 # Measured on LoCoMo dev (bench/quality.py): evidence R@10 0.699 vs 0.603 for reciprocal-rank fusion
 # (k=60); 0.3..0.5 all give >= 0.686. Scores carry how *much* better a hit is, ranks throw that away.
@@ -338,14 +332,14 @@ class Memory:
         """Newest memories first, paginated by an opaque cursor."""
         if collection is not None:
             collection = _name(collection, "collection", required=True)
-        limit = _int(limit, "limit", 1, 1000)
+        limit = _int(limit, "limit", 1, MAX_LIST_LIMIT)
         before = None
         if cursor not in (None, ""):
             try:
                 before = int(str(cursor))
             except ValueError:
                 raise InvalidInput("cursor is not one this service issued", field="cursor") from None
-            if not 0 < before <= _INT64:
+            if not 0 < before <= INT64_MAX:
                 raise InvalidInput("cursor is not one this service issued", field="cursor")
         self._clock_reading()
         rows = self.store.recent(collection, limit + 1, before)
@@ -416,8 +410,8 @@ class Memory:
         """Several recalls (each a dict of ``recall``'s arguments)."""
         if not isinstance(queries, (list, tuple)) or not queries:
             raise InvalidInput("queries must be a non-empty list", field="queries")
-        if len(queries) > 32:
-            raise InvalidInput("at most 32 queries per batch", field="queries")
+        if len(queries) > MAX_BATCH_QUERIES:
+            raise InvalidInput(f"at most {MAX_BATCH_QUERIES} queries per batch", field="queries")
         out = []
         for n, q in enumerate(queries):
             if not isinstance(q, Mapping):
@@ -627,7 +621,7 @@ def _int(value: Any, fname: str, lo: int, hi: int) -> int:
 
 
 def _validate_id(value: Any) -> int:
-    return _int(value, "id", 1, 2**63 - 1)
+    return _int(value, "id", 1, INT64_MAX)
 
 
 def _number(value: Any, fname: str, lo: float, hi: float) -> float:
@@ -653,14 +647,9 @@ def _tags(value: Any, fname: str) -> List[str]:
     return out
 
 
-_MIN_TS = 0.0                 # 1970-01-01
-_MAX_TS = 253402300799.0      # 9999-12-31T23:59:59Z: beyond it ISO-8601 output overflows
-_INT64 = 2**63 - 1
-
-
 def _timestamp(value: Any, fname: str) -> float:
     ts = _parse_timestamp(value, fname)
-    if not _MIN_TS <= ts <= _MAX_TS:
+    if not MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
         raise InvalidInput(f"{fname} must be between 1970 and 9999", field=fname)
     return ts
 
@@ -756,15 +745,15 @@ def _validate_filters(filters: Any) -> Dict[str, Any]:
                 raise InvalidInput("filters.metadata must be an object of key: value", field=fname)
             md: Dict[str, Any] = {}
             for mk, mv in value.items():
-                if not isinstance(mk, str) or not mk or len(mk) > 100 or any(c in mk for c in '"\\'):
-                    raise InvalidInput("metadata filter keys must be 1-100 characters without quotes or "
-                                       "backslashes", field=f"{fname}.{mk}")
+                if not isinstance(mk, str) or not mk or len(mk) > MAX_METADATA_KEY_CHARS or any(c in mk for c in '"\\'):
+                    raise InvalidInput(f"metadata filter keys must be 1-{MAX_METADATA_KEY_CHARS} characters "
+                                       "without quotes or backslashes", field=f"{fname}.{mk}")
                 if mv is not None and not isinstance(mv, (str, int, float, bool)):
                     raise InvalidInput("metadata filter values must be strings, numbers, booleans or null",
                                        field=f"{fname}.{mk}")
                 if isinstance(mv, str):
                     _encodable(mv, f"{fname}.{mk}")
-                if isinstance(mv, int) and not isinstance(mv, bool) and abs(mv) > _INT64:
+                if isinstance(mv, int) and not isinstance(mv, bool) and abs(mv) > INT64_MAX:
                     raise InvalidInput("metadata filter integers must fit in 64 bits", field=f"{fname}.{mk}")
                 if isinstance(mv, float) and not math.isfinite(mv):
                     raise InvalidInput("metadata filter values must be finite", field=f"{fname}.{mk}")

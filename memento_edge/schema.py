@@ -1,0 +1,147 @@
+"""The one description of a memory, its filters and the recall options: every field once, with its limits.
+
+The engine (:mod:`memento_edge.memory`) validates with these limits, the web layer checks request field
+types against these tables, and the OpenAPI document (:mod:`memento_edge.openapi`) is built from them, so
+a limit changed here changes everywhere. Nothing here imports Flask or the store.
+
+Wire types (``Field.type``): ``str``, ``int``, ``number``, ``bool``, ``object``, ``list[str]``,
+``list[object]`` and ``time`` (an ISO-8601 string or Unix seconds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+# --- limits (each enforced by the engine or the web layer; each stated in the OpenAPI document) ---
+INT64_MAX = 2 ** 63 - 1            # SQLite integers (ids, cursors, JSON integers we accept)
+MAX_TEXT_CHARS = 100_000
+MAX_QUERY_CHARS = 1_000
+MAX_TAGS = 50
+MAX_TAG_CHARS = 100
+MAX_NAME_CHARS = 200               # collection, source, session_id, filter strings
+MAX_METADATA_CHARS = 16_000        # a memory's metadata, as JSON text
+MAX_METADATA_KEY_CHARS = 100       # keys of a metadata filter
+DEFAULT_TOPK = 5
+MAX_TOPK = 100
+DEFAULT_IMPORTANCE = 0.5
+DEFAULT_COLLECTION = "default"
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 1000
+MAX_BATCH_ITEMS = 1000             # memories in one POST /v1/memories batch
+MAX_BATCH_QUERIES = 32             # recalls in one batch (Memory.recall_many refuses more)
+MAX_IDEMPOTENCY_KEY = 200
+MAX_CURSOR_DIGITS = 18             # cursors are ids written in decimal
+MIN_TIMESTAMP = 0.0                # 1970-01-01T00:00:00Z
+MAX_TIMESTAMP = 253402300799.0     # 9999-12-31T23:59:59Z: beyond it ISO-8601 output overflows
+MODES = ("hybrid", "vector", "keyword")
+DEFAULT_MODE = "hybrid"
+# What a filter does with memories stored while the board's clock was not trusted (clock.py): "include"
+# (default) matches them by the time they were stamped with; "exclude" leaves them out.
+UNTRUSTED_TIME = ("include", "exclude")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field: its wire type, whether null is accepted, its limits and a line of help."""
+
+    name: str
+    type: str
+    help: str = ""
+    nullable: bool = False
+    min_length: Optional[int] = None      # strings
+    max_length: Optional[int] = None      # strings (metadata: its JSON text)
+    minimum: Optional[float] = None       # numbers, times (Unix seconds)
+    maximum: Optional[float] = None
+    max_items: Optional[int] = None       # lists
+    item_max_length: Optional[int] = None  # list[str] items
+    enum: Optional[Tuple[str, ...]] = None
+    default: Any = None
+    int64: bool = False                   # an integer stored by SQLite
+
+
+def _table(*fields: Field) -> Dict[str, Field]:
+    return {f.name: f for f in fields}
+
+
+def _name(name: str, help: str = "", **kw: Any) -> Field:
+    """A short identifying string: collection, source, session_id."""
+    return Field(name, "str", help, min_length=1, max_length=MAX_NAME_CHARS, **kw)
+
+
+def _tags(name: str, help: str) -> Field:
+    return Field(name, "list[str]", help, max_items=MAX_TAGS, item_max_length=MAX_TAG_CHARS)
+
+# What a client sends to store a memory (POST) or change one (PATCH, without created_at).
+MEMORY_FIELDS = _table(
+    Field("text", "str", "The memory itself.", min_length=1, max_length=MAX_TEXT_CHARS),
+    _name("collection", "Namespace.", default=DEFAULT_COLLECTION),
+    _tags("tags", "Labels; duplicates are dropped."),
+    _name("source", "Where the memory came from.", nullable=True),
+    _name("session_id", "The agent session that stored it.", nullable=True),
+    Field("importance", "number", "How much it matters, 0..1.", minimum=0, maximum=1,
+          default=DEFAULT_IMPORTANCE),
+    Field("metadata", "object", "Any JSON object (at most 16,000 characters as JSON).", nullable=True,
+          max_length=MAX_METADATA_CHARS),
+)
+CREATE_FIELDS = dict(MEMORY_FIELDS, created_at=Field(
+    "created_at", "time", "When it happened: ISO-8601 or Unix seconds between 1970 and 9999; default now.",
+    nullable=True, minimum=MIN_TIMESTAMP, maximum=MAX_TIMESTAMP))
+
+# A stored memory as every face returns it (MemoryRecord).
+RECORD_FIELDS = _table(
+    Field("id", "int", int64=True, minimum=1, maximum=INT64_MAX),
+    Field("text", "str"),
+    Field("collection", "str"),
+    Field("tags", "list[str]"),
+    Field("source", "str", nullable=True),
+    Field("session_id", "str", nullable=True),
+    Field("importance", "number"),
+    Field("metadata", "object"),
+    Field("created_at", "str", "ISO-8601 UTC."),
+    Field("updated_at", "str", "ISO-8601 UTC."),
+    Field("content_hash", "str"),
+    Field("clock_trusted", "bool", "false while created_at was stamped by a clock not yet verified "
+                                   "(no RTC, no NTP yet); corrected and set true once it is."),
+)
+# A recall hit: a record plus how it ranked (Hit).
+HIT_FIELDS = dict(RECORD_FIELDS, **_table(
+    Field("score", "number", "Orders the hits: cosine (vector), BM25 (keyword) or the 0..1 fused score "
+                             "(hybrid)."),
+    Field("similarity", "number", "Cosine similarity to the query, when the vector retriever saw it.",
+          nullable=True),
+    Field("vector_rank", "int", "1-based rank by meaning (null: not found by it).", nullable=True),
+    Field("keyword_rank", "int", "1-based rank by words (null: not found by it).", nullable=True),
+))
+# The answer to storing one memory (RememberResult).
+REMEMBER_FIELDS = _table(
+    Field("id", "int", int64=True),
+    Field("created", "bool", "false when the text was already stored (then id is the existing memory)."),
+    Field("duplicate_of", "int", nullable=True, int64=True),
+)
+
+RECALL_FIELDS = _table(
+    Field("query", "str", "What to look for.", min_length=1, max_length=MAX_QUERY_CHARS),
+    Field("topk", "int", "How many hits.", minimum=1, maximum=MAX_TOPK, default=DEFAULT_TOPK),
+    Field("mode", "str", "hybrid (meaning and words), vector or keyword.", enum=MODES, default=DEFAULT_MODE),
+    Field("filters", "object", "Which memories to consider (see Filters).", nullable=True),
+)
+
+FILTER_FIELDS = _table(
+    _name("collection"),
+    _tags("tags_any", "At least one of these tags."),
+    _tags("tags_all", "All of these tags."),
+    _name("source"),
+    _name("session_id"),
+    Field("min_importance", "number", minimum=0, maximum=1),
+    Field("since", "str", "ISO-8601 timestamp (inclusive)."),
+    Field("until", "str", "ISO-8601 timestamp (exclusive)."),
+    Field("metadata", "object", "Equality on top-level metadata keys."),
+    Field("untrusted_time", "str", "Memories whose time is unverified (clock_trusted false): include matches "
+                                   "them by their stamped time, exclude leaves them out.",
+          enum=UNTRUSTED_TIME, default="include"),
+)
+
+
+def wire_types(fields: Dict[str, Field]) -> Dict[str, Tuple[str, bool]]:
+    """``{name: (type, nullable)}`` of a table: what the web layer checks before the engine sees a body."""
+    return {name: (f.type, f.nullable) for name, f in fields.items()}

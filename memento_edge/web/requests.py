@@ -1,0 +1,260 @@
+"""Reading a request: the JSON body, NDJSON lines, query parameters and headers, checked field by field.
+
+Types and unknown fields are checked here against the tables of :mod:`memento_edge.schema` (400 when
+wrong); values are range-checked by the engine (422). A few values the engine would store but could not
+serve back (created_at outside 1970..9999, integers beyond 64 bits) are refused here too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Tuple
+
+from flask import request
+
+from ..errors import NotFound
+from ..schema import (INT64_MAX, MAX_IDEMPOTENCY_KEY, MAX_TIMESTAMP, MIN_TIMESTAMP)
+from .errors import ApiError, bad, unprocessable
+
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
+                "application/json-lines", "text/plain")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def loads(text: Any) -> Any:
+    """Strict JSON: no NaN/Infinity, no float overflow. Raises ValueError (or RecursionError)."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def check_json_values(obj: Any) -> None:
+    """Refuse values that are valid JSON but would break below: NUL bytes, lone surrogates, huge ints.
+
+    NUL characters are refused in strings that become SQLite text columns or FTS5 input (many SQLite
+    string functions stop at a NUL). A memory's own ``metadata`` subtree is skipped: it is stored as
+    escaped JSON text, so NULs and big numbers there are harmless (the engine checks its size and
+    encoding). Iterative (not recursive) so a deeply nested body cannot exhaust the stack here.
+    """
+    stack: List[Tuple[Any, str, bool]] = [(obj, "", False)]  # (value, path, inside filters)
+    while stack:
+        value, path, in_filters = stack.pop()
+        if isinstance(value, str):
+            _check_string(value, path)
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            if not -INT64_MAX - 1 <= value <= INT64_MAX:
+                raise bad("integer out of the 64-bit range", path or None)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if "\x00" in k:
+                    raise bad("object keys must not contain NUL characters", path or None)
+                child = f"{path}.{k}" if path else k
+                if k == "metadata" and not in_filters:
+                    continue  # stored as JSON text (see above)
+                if k == "created_at":
+                    _check_created_at(v, child)
+                stack.append((v, child, in_filters or k == "filters"))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                stack.append((v, f"{path}[{i}]", in_filters))
+
+
+def _check_string(value: str, path: str) -> None:
+    if "\x00" in value:
+        raise bad("strings must not contain NUL characters", path or None)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("strings must be valid Unicode (lone surrogate escape)", path or None) from None
+
+
+def _check_created_at(value: Any, field: str) -> None:
+    """422 for a created_at outside 1970..9999 (the engine would store it and then fail to format it)."""
+    ts: Optional[float] = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ts = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            return  # not ISO-8601 at all: the engine says so with its own message
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        try:
+            ts = dt.timestamp()
+        except (OverflowError, ValueError):
+            ts = -1.0
+    if ts is not None and not MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
+        raise unprocessable("created_at must be between 1970 and the year 9999", field)
+
+
+def require_media_type(allowed: Tuple[str, ...], what: str) -> None:
+    """415 unless the request's Content-Type is one of ``allowed`` (any ``+json`` counts as JSON), utf-8."""
+    mimetype = request.mimetype
+    ok = mimetype in allowed or ("application/json" in allowed and mimetype.startswith("application/")
+                                 and mimetype.endswith("+json"))
+    if not ok:
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type must be {allowed[0]} ({what}); got {mimetype or 'none'!r}")
+    charset = request.mimetype_params.get("charset")
+    if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        raise ApiError(415, "unsupported_media_type", "only the utf-8 charset is accepted")
+
+
+def raw_body() -> bytes:
+    """The body bytes. get_data honours MAX_CONTENT_LENGTH (also for chunked bodies): 413 above it."""
+    return request.get_data(cache=True)
+
+
+def json_body(*, required: bool = True) -> Dict[str, Any]:
+    """The request's JSON object body, or ``{}`` when optional and absent. Raises ApiError 400/413/415."""
+    raw = raw_body() if (request.content_length or request.headers.get("Transfer-Encoding")) else b""
+    if not raw:
+        if required:
+            if request.mimetype and request.mimetype != "application/json":
+                require_media_type(("application/json",), "a JSON object")
+            raise bad("request body must be a JSON object")
+        return {}
+    require_media_type(("application/json",), "a JSON object")
+    try:
+        obj = loads(raw)
+    except RecursionError:
+        raise bad("JSON nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # includes UnicodeDecodeError and json.JSONDecodeError
+        raise bad(f"malformed JSON: {str(exc)[:200]}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad("request body must be a JSON object", code="invalid_json")
+    check_json_values(obj)
+    return obj
+
+
+def ndjson_body() -> str:
+    """The request's NDJSON body as text, every line syntax-checked before anything touches the DB."""
+    require_media_type(NDJSON_TYPES, "NDJSON, one JSON object per line")
+    try:
+        text = raw_body().decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("body is not valid UTF-8", code="invalid_json") from None
+    if "\x00" in text:
+        raise bad("body must not contain NUL characters", code="invalid_json")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                obj = loads(line)
+            except (ValueError, RecursionError):
+                raise bad(f"line {lineno}: malformed JSON", f"line {lineno}", code="invalid_json") from None
+            if not isinstance(obj, dict):
+                raise bad(f"line {lineno}: each line must be a JSON object", f"line {lineno}",
+                          code="invalid_json")
+            check_json_values(obj)
+    return text
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "time":
+        return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if kind == "list[object]":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    raise AssertionError(kind)
+
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "number": "a number", "bool": "a boolean",
+               "object": "a JSON object",
+               "list[str]": "a list of strings", "list[object]": "a list of objects",
+               "time": "an ISO-8601 string or Unix seconds"}
+
+
+def check_fields(obj: Dict[str, Any], spec: Dict[str, Tuple[str, bool]], *, required: Tuple[str, ...] = (),
+                 prefix: str = "") -> Dict[str, Any]:
+    """Check ``obj``'s keys and JSON types against ``spec`` (``schema.wire_types``); unknown or
+    mistyped fields -> 400. Values are not range-checked here: that is the engine's job (and gives 422).
+    """
+    for name in obj:
+        if name not in spec:
+            raise bad(f"unknown field {name!r}", prefix + name)
+    for name in required:
+        if name not in obj:
+            raise bad(f"missing required field {name!r}", prefix + name)
+    for name, value in obj.items():
+        kind, nullable = spec[name]
+        if value is None:
+            if not nullable:
+                raise bad(f"{name} must not be null", prefix + name)
+            continue
+        if not _type_ok(value, kind):
+            raise bad(f"{name} must be {_TYPE_NAMES[kind]}", prefix + name)
+    return obj
+
+
+def query_int(name: str, default: Optional[int], lo: int, hi: int) -> Optional[int]:
+    """Integer query parameter ``name``: 400 when not an integer, 422 outside ``lo..hi``."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[+-]?[0-9]{1,19}", raw.strip()):
+        raise bad(f"{name} must be an integer", name)
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise unprocessable(f"{name} must be between {lo} and {hi}", name)
+    return value
+
+
+def query_str(name: str, *, max_len: int = 1000) -> Optional[str]:
+    """String query parameter ``name``: 400 with a NUL, 422 over ``max_len`` characters."""
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    if "\x00" in raw:
+        raise bad(f"{name} must not contain NUL characters", name)
+    if len(raw) > max_len:
+        raise unprocessable(f"{name} is longer than {max_len} characters", name)
+    return raw
+
+
+def existing_id(memory_id: int) -> int:
+    """``memory_id`` if it can exist. Ids are 1..2**63-1 (SQLite rowids): anything else is a 404.
+
+    Checked here rather than with int(max=...) in the rule, because a converter that refuses a value
+    makes Werkzeug answer 405.
+    """
+    if not 1 <= memory_id <= INT64_MAX:
+        raise NotFound(f"no memory with id {memory_id}", field="id")
+    return memory_id
+
+
+def idempotency_key() -> Optional[str]:
+    """The Idempotency-Key header, or None; 400 unless 1..200 printable ASCII characters."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not all(33 <= ord(c) <= 126 for c in key):
+        raise bad(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters "
+                  "without spaces", "Idempotency-Key")
+    return key
