@@ -307,7 +307,11 @@ def export_cmd(state: _State, dest: str) -> None:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, dest)
+        repaired = mem.text_repairs()
     click.echo(f"exported {n} memories", err=True)
+    if repaired:
+        click.echo(f"warning: {repaired} text values were not valid UTF-8 and were exported with U+FFFD; "
+                   "`memento-edge check` lists the memories", err=True)
 
 
 @main.command("import")

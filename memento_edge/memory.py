@@ -11,7 +11,8 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+import unicodedata
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
@@ -26,8 +27,8 @@ from .errors import (
 )
 from .schema import (
     CREATE_FIELDS, FILTER_FIELDS, INT64_MAX, MAX_BATCH_QUERIES, MAX_LIST_LIMIT, MAX_METADATA_CHARS,
-    MAX_METADATA_KEY_CHARS, MAX_NAME_CHARS, MAX_QUERY_CHARS, MAX_TAG_CHARS, MAX_TAGS, MAX_TEXT_CHARS,
-    MAX_TIMESTAMP, MAX_TOPK, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME,
+    MAX_METADATA_DEPTH, MAX_METADATA_KEY_CHARS, MAX_NAME_CHARS, MAX_QUERY_CHARS, MAX_TAG_CHARS, MAX_TAGS,
+    MAX_TEXT_CHARS,    MAX_TIMESTAMP, MAX_TOPK, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME,
 )
 
 # The field names and limits live in schema.py (one table for the engine, the web layer and OpenAPI).
@@ -75,17 +76,55 @@ class MemoryRecord:
         return cls(**_record_fields(row))
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
+        """Plain JSON-ready dict (shallow: ``dataclasses.asdict`` would recurse into the metadata)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _record_fields(row: Mapping[str, Any]) -> Dict[str, Any]:
     return {
         "id": row["id"], "text": row["text"], "collection": row["collection"], "tags": list(row["tags"]),
         "source": row["source"], "session_id": row["session_id"], "importance": row["importance"],
-        "metadata": row["metadata"], "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
-        "content_hash": row["content_hash"], "clock_trusted": bool(row.get("clock_trusted", True)),
+        "metadata": _stored_metadata(row["metadata"]), "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]), "content_hash": row["content_hash"],
+        "clock_trusted": bool(row.get("clock_trusted", True)),
     }
+
+
+def _stored_metadata(value: Any) -> Dict[str, Any]:
+    """A row's metadata as every face can encode it.
+
+    Rows written before the depth limit (or by other tools) may hold metadata nested too deeply to
+    encode, or JSON the store could not parse (handed over as its text): those are shown as
+    ``{"_unparsed_metadata": "<the stored JSON text>"}`` so the memory stays readable and exportable.
+    """
+    if isinstance(value, dict) and _depth(value) <= MAX_METADATA_DEPTH:
+        return value
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, ensure_ascii=False)
+        except (RecursionError, ValueError, TypeError):
+            value = "(nested too deeply to show)"
+    return {"_unparsed_metadata": value}
+
+
+def _depth(value: Any, stop: int = MAX_METADATA_DEPTH) -> int:
+    """Nesting depth of JSON containers in ``value`` (0 for a scalar), counted up to ``stop + 1``.
+
+    Iterative, so any depth is safe; stopping early also ends a walk of a self-referencing object.
+    """
+    deepest = 0
+    stack = [(value, 1)]
+    while stack and deepest <= stop:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 @dataclass
@@ -331,7 +370,7 @@ class Memory:
                cursor: Optional[str] = None) -> Page:
         """Newest memories first, paginated by an opaque cursor."""
         if collection is not None:
-            collection = _name(collection, "collection", required=True)
+            collection = _name(collection, "collection", required=True, label=True)
         limit = _int(limit, "limit", 1, MAX_LIST_LIMIT)
         before = None
         if cursor not in (None, ""):
@@ -466,6 +505,10 @@ class Memory:
                 progress(n, total)
         return n
 
+    def text_repairs(self) -> int:
+        """Text values read so far (this process) that were not valid UTF-8 and were shown with U+FFFD."""
+        return self.store.text_decoder.repairs
+
     def iter_export(self) -> Iterable[str]:
         """The JSONL export as a generator of lines (for streaming HTTP responses)."""
         for rows in self.store.iter_rows():
@@ -500,7 +543,7 @@ class Memory:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = _json_line(line)
                 if not isinstance(obj, dict):
                     raise InvalidInput("each line must be a JSON object", field="line")
                 # A memory exported with an unverified time keeps that flag: importing it must not launder it.
@@ -556,6 +599,14 @@ class Memory:
         return done
 
 
+def _json_line(line: str) -> Any:
+    """One JSONL line parsed; a line nested too deeply for the parser is an InvalidInput like any other."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise InvalidInput("the line is nested too deeply to parse", field="line") from None
+
+
 # --- fusion ---------------------------------------------------------------------------------------
 def _minmax(hits: Sequence[Tuple[int, float]]) -> Dict[int, float]:
     if not hits:
@@ -587,7 +638,23 @@ def _text(value: Any, fname: str, limit: int) -> str:
     if len(value) > limit:
         raise InvalidInput(f"{fname} is {len(value):,} characters; the limit is {limit:,}", field=fname)
     _encodable(value, fname)
-    return value
+    return _nfc(value)
+
+
+def _nfc(value: str) -> str:
+    """NFC form: "café" typed on a Mac (NFD) and elsewhere (NFC) must be one tag and one text."""
+    return value if value.isascii() else unicodedata.normalize("NFC", value)
+
+
+def _no_format_chars(value: str, fname: str) -> None:
+    """Refuse invisible characters in labels: bidi overrides and zero-width characters (Unicode Cf) and
+    controls (Cc) let two tags look identical, or a tag read differently from what it is."""
+    if value.isascii() and value.isprintable():
+        return
+    for ch in value:
+        if unicodedata.category(ch) in ("Cf", "Cc"):
+            raise InvalidInput(f"{fname} must not contain invisible or control characters "
+                               f"(U+{ord(ch):04X})", field=fname)
 
 
 def _encodable(value: str, fname: str) -> None:
@@ -597,7 +664,9 @@ def _encodable(value: str, fname: str) -> None:
         raise InvalidInput(f"{fname} is not valid Unicode (lone surrogate)", field=fname) from None
 
 
-def _name(value: Any, fname: str, *, required: bool = False, limit: int = MAX_NAME_CHARS) -> Optional[str]:
+def _name(value: Any, fname: str, *, required: bool = False, limit: int = MAX_NAME_CHARS,
+          label: bool = False) -> Optional[str]:
+    """A short string; ``label`` (tags, collections) also refuses invisible characters."""
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip():
@@ -605,7 +674,9 @@ def _name(value: Any, fname: str, *, required: bool = False, limit: int = MAX_NA
     if len(value) > limit:
         raise InvalidInput(f"{fname} is longer than {limit} characters", field=fname)
     _encodable(value, fname)
-    return value
+    if label:
+        _no_format_chars(value, fname)
+    return _nfc(value)
 
 
 def _int(value: Any, fname: str, lo: int, hi: int) -> int:
@@ -641,7 +712,7 @@ def _tags(value: Any, fname: str) -> List[str]:
         raise InvalidInput(f"{fname}: {len(value)} tags; the limit is {MAX_TAGS}", field=fname)
     out: List[str] = []
     for t in value:
-        t = cast(str, _name(t, fname, required=True, limit=MAX_TAG_CHARS))
+        t = cast(str, _name(t, fname, required=True, limit=MAX_TAG_CHARS, label=True))
         if t not in out:
             out.append(t)
     return out
@@ -680,14 +751,18 @@ def _metadata(value: Any, fname: str) -> Dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidInput(f"{fname} must be a JSON object", field=fname)
+    if _depth(dict(value)) > MAX_METADATA_DEPTH:
+        raise InvalidInput(f"{fname} is nested more than {MAX_METADATA_DEPTH} levels deep", field=fname)
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{fname} is not JSON-serialisable: {exc}", field=fname) from None
+    except RecursionError:
+        raise InvalidInput(f"{fname} is nested more than {MAX_METADATA_DEPTH} levels deep", field=fname) from None
     if len(encoded) > MAX_METADATA_CHARS:
         raise InvalidInput(f"{fname} is larger than {MAX_METADATA_CHARS} characters as JSON", field=fname)
     _encodable(encoded, fname)
-    return json.loads(encoded)
+    return cast(Dict[str, Any], json.loads(encoded))
 
 
 def _validate_item(item: Any, prefix: str = "", partial: bool = False) -> Dict[str, Any]:
@@ -700,7 +775,7 @@ def _validate_item(item: Any, prefix: str = "", partial: bool = False) -> Dict[s
     out: Dict[str, Any] = {
         "text": _text(item.get("text"), prefix + "text", MAX_TEXT_CHARS),
         "collection": _name(item.get("collection") if item.get("collection") is not None else "default",
-                            prefix + "collection", required=True),
+                            prefix + "collection", required=True, label=True),
         "tags": _tags(item.get("tags"), prefix + "tags"),
         "source": _name(item.get("source"), prefix + "source"),
         "session_id": _name(item.get("session_id"), prefix + "session_id"),
@@ -727,7 +802,7 @@ def _validate_filters(filters: Any) -> Dict[str, Any]:
         if value is None:
             continue
         if key in ("collection", "source", "session_id"):
-            out[key] = _name(value, fname, required=True)
+            out[key] = _name(value, fname, required=True, label=key == "collection")
         elif key in ("tags_any", "tags_all"):
             tags = _tags(value, fname)
             if tags:

@@ -20,6 +20,9 @@ MAX_TAGS = 50
 MAX_TAG_CHARS = 100
 MAX_NAME_CHARS = 200               # collection, source, session_id, filter strings
 MAX_METADATA_CHARS = 16_000        # a memory's metadata, as JSON text
+# Nesting of metadata objects/arrays: every face (JSON encoders, Python's recursion limit) copes with this
+# comfortably; a ~500-deep object stored once made every read of it fail (issue #14, "poison pill").
+MAX_METADATA_DEPTH = 32
 MAX_METADATA_KEY_CHARS = 100       # keys of a metadata filter
 DEFAULT_TOPK = 5
 MAX_TOPK = 100
@@ -80,7 +83,8 @@ MEMORY_FIELDS = _table(
     _name("session_id", "The agent session that stored it.", nullable=True),
     Field("importance", "number", "How much it matters, 0..1.", minimum=0, maximum=1,
           default=DEFAULT_IMPORTANCE),
-    Field("metadata", "object", "Any JSON object (at most 16,000 characters as JSON).", nullable=True,
+    Field("metadata", "object", "Any JSON object (at most 16,000 characters as JSON, nested at most 32 levels).",
+          nullable=True,
           max_length=MAX_METADATA_CHARS),
 )
 CREATE_FIELDS = dict(MEMORY_FIELDS, created_at=Field(

@@ -352,6 +352,23 @@ class _Int8Cache:
         return out
 
 
+class _TextDecoder:
+    """SQLite TEXT -> str, lenient: invalid UTF-8 (another tool's write, a flipped bit on the card)
+    becomes U+FFFD instead of an error, so one damaged row cannot make a read, a recall or the whole
+    export fail. ``repairs`` counts the values it had to repair; ``Store.integrity_check`` names the rows.
+    """
+
+    def __init__(self) -> None:
+        self.repairs = 0
+
+    def __call__(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.repairs += 1  # a diagnostic count: an occasional lost increment between threads is fine
+            return raw.decode("utf-8", "replace")
+
+
 def _load_sqlite_vec(conn: sqlite3.Connection) -> bool:
     """Load sqlite-vec into ``conn``; False when this Python or platform can't."""
     try:
@@ -382,6 +399,7 @@ class Store:
         self._all: List[sqlite3.Connection] = []
         self._closed = False
         self._vec_loadable: Optional[bool] = None
+        self.text_decoder = _TextDecoder()
         self._writer = self._connect()
         # In-memory int8 copy of the sqlite-vec vectors (built on the first vector search). Kept in step
         # with our own writes after each commit; a 'vec_gen' counter in meta, bumped by every vector
@@ -442,6 +460,7 @@ class Store:
             conn.execute("PRAGMA temp_store = FILE")
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
+        conn.text_factory = self.text_decoder
         loaded = _load_sqlite_vec(conn)
         if self._vec_loadable is None:
             self._vec_loadable = loaded
@@ -687,7 +706,7 @@ class Store:
     def _row(r: sqlite3.Row) -> Dict[str, Any]:
         return {
             "id": r[0], "text": r[1], "collection": r[2], "source": r[3], "session_id": r[4],
-            "importance": r[5], "metadata": json.loads(r[6]), "created_at": r[7], "updated_at": r[8],
+            "importance": r[5], "metadata": _load_metadata(r[6]), "created_at": r[7], "updated_at": r[8],
             "content_hash": r[9], "clock_trusted": bool(r[10]), "tags": sorted(json.loads(r[11])) if r[11] else [],
         }
 
@@ -929,12 +948,32 @@ class Store:
                 c.execute("INSERT INTO memories_fts (memories_fts, rank) VALUES ('integrity-check', 1)")
         except StoreError as exc:
             problems.append(f"full-text index: {exc}")
+        problems.extend(self._invalid_utf8_rows())
         if self.vector is not None:
             with self.reader() as c:
                 n_mem = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
                 n_vec = self.vector.count(c)
             if n_vec != n_mem:
                 problems.append(f"{n_mem} memories but {n_vec} vectors (run `memento-edge reindex`)")
+        return problems
+
+    def _invalid_utf8_rows(self, limit: int = 20) -> List[str]:
+        """One problem per memory whose text columns are not valid UTF-8 (the first ``limit``)."""
+        problems: List[str] = []
+        with self.reader() as c:
+            c.text_factory = bytes
+            try:
+                cur = c.execute("SELECT id, text, collection, source, session_id, metadata FROM memories")
+                for row in cur:
+                    for name, value in zip(("text", "collection", "source", "session_id", "metadata"), row[1:]):
+                        if value is not None and not _is_utf8(value):
+                            problems.append(f"memory {row[0]}: {name} is not valid UTF-8 (shown and exported "
+                                            "with U+FFFD; fix it with `memento-edge update`)")
+                            break
+                    if len(problems) >= limit:
+                        break
+            finally:
+                c.text_factory = self.text_decoder
         return problems
 
     def backup(self, dest: os.PathLike, progress: Optional[Any] = None) -> Path:
@@ -964,6 +1003,25 @@ class Store:
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
         return dest
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _load_metadata(text: str) -> Any:
+    """The stored metadata object, or its raw text when it cannot be parsed (too deep, not JSON).
+
+    A row that cannot be decoded must not make every read of it fail; memory.py shows the text instead.
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def _fsync_file(path: Path) -> None:

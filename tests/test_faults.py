@@ -1,0 +1,159 @@
+"""Fault and abuse regressions of issue #14: each test reproduces one failure found at 904f9dd.
+
+Every refusal is a domain error (a 4xx/503/507 JSON error on the web, one line on the CLI), never a 500
+or a traceback.
+"""
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+from click.testing import CliRunner
+
+from memento_edge.cli import main as cli_main
+from memento_edge.config import Settings
+from memento_edge.embedder import FakeEmbedder
+from memento_edge.errors import InvalidInput
+from memento_edge.memory import MAX_METADATA_DEPTH, Memory
+from webfixtures import make_env
+
+
+@pytest.fixture(autouse=True)
+def _fake_model_for_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI commands embed with the FakeEmbedder (these tests are about faults, not the model)."""
+    from memento_edge import embedder
+
+    monkeypatch.setattr(embedder, "make_embedder", lambda settings, *a, **k: FakeEmbedder())
+
+
+def _nested(depth: int) -> Dict[str, Any]:
+    """A metadata object nested ``depth`` levels deep: {"a": {"a": ... {} }}."""
+    obj: Dict[str, Any] = {}
+    for _ in range(depth - 1):
+        obj = {"a": obj}
+    return obj
+
+
+def _cli(home: Path, *args: str, input: Any = None) -> Any:
+    return CliRunner().invoke(cli_main, ["--home", str(home), "--json", *args], input=input,
+                              catch_exceptions=False)
+
+
+# --- 1. poison pill ---------------------------------------------------------------------------------
+def test_deep_metadata_refused_by_the_engine_naming_the_field(fake_memory: Memory) -> None:
+    fake_memory.remember("shallow enough", metadata=_nested(MAX_METADATA_DEPTH))
+    with pytest.raises(InvalidInput) as err:
+        fake_memory.remember("too deep", metadata=_nested(MAX_METADATA_DEPTH + 1))
+    assert err.value.field == "metadata"
+    with pytest.raises(InvalidInput) as err:
+        fake_memory.remember_many([{"text": "a"}, {"text": "b", "metadata": {"x": [_nested(500)]}}])
+    assert err.value.field == "items[1].metadata"
+    mid = fake_memory.remember("to update").id
+    with pytest.raises(InvalidInput):
+        fake_memory.update(mid, metadata=_nested(500))
+
+
+def test_deep_metadata_refused_on_the_web_with_422(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    try:
+        r = env.client.post("/v1/memories", json={"text": "poison", "metadata": _nested(500)})
+        assert r.status_code == 422, r.get_data(as_text=True)
+        assert r.get_json()["error"]["field"] == "metadata"
+        assert env.client.get("/v1/memories").status_code == 200
+    finally:
+        env.close()
+
+
+def _store_poison(mem: Memory, depth: int = 500) -> int:
+    """A row written before the depth check existed (straight into the store, bypassing validation)."""
+    mid = mem.remember("old poison pill").id
+    raw = '{"a": ' * (depth - 1) + "{}" + "}" * (depth - 1)  # json.dumps itself would recurse too deep
+    with mem.store.writer() as conn:
+        conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", (raw, mid))
+    return mid
+
+
+@pytest.mark.parametrize("depth", [500, 5000])
+def test_existing_deep_row_is_readable_everywhere(tmp_path: Path, depth: int) -> None:
+    env = make_env(tmp_path)
+    try:
+        mid = _store_poison(env.memory, depth)
+        env.memory.remember("a normal memory about poison")
+        for path in (f"/v1/memories/{mid}", "/v1/memories", "/v1/export", "/v1/recall?q=poison+pill"):
+            r = env.client.get(path)
+            assert r.status_code == 200, (path, r.status_code, r.get_data(as_text=True)[:300])
+        exported = [json.loads(line) for line in env.client.get("/v1/export").get_data(as_text=True).splitlines()]
+        assert {e["text"] for e in exported} == {"old poison pill", "a normal memory about poison"}
+        # The stored metadata is shown as its JSON text, so every face can encode it.
+        md = env.memory.get(mid).metadata
+        assert list(md) == ["_unparsed_metadata"] and md["_unparsed_metadata"].startswith('{"a": {"a"')
+    finally:
+        env.close()
+    home = Path(env.settings.home or "")
+    got = _cli(home, "get", str(mid))
+    assert got.exit_code == 0 and json.loads(got.output)["id"] == mid
+    dump = _cli(home, "export")
+    assert dump.exit_code == 0 and len([ln for ln in dump.output.splitlines() if ln.startswith("{")]) == 2
+
+
+# --- 10. Unicode normalisation ----------------------------------------------------------------------
+def test_nfc_and_nfd_are_one_tag_one_text_one_collection(fake_memory: Memory) -> None:
+    nfc, nfd = "café", unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    first = fake_memory.remember(f"met at the {nfc}", tags=[nfc, nfd], collection=nfd)
+    rec = fake_memory.get(first.id)
+    assert rec.tags == [nfc] and rec.collection == nfc and rec.text == f"met at the {nfc}"
+    again = fake_memory.remember(f"met at the {nfd}", collection=nfc)
+    assert again.id == first.id and not again.created
+    assert fake_memory.count({"tags_any": [nfd], "collection": nfd}) == 1
+    assert fake_memory.recall(nfd, mode="keyword", filters={"tags_all": [nfd]}).hits[0].id == first.id
+
+
+@pytest.mark.parametrize("tag", ["ad\u202emin", "ad\u2066min", "ad\u200bmin", "\u200dadmin", "ad\ufeffmin",
+                                 "ad\u200fmin"])
+def test_bidi_and_zero_width_tags_refused(fake_memory: Memory, tag: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        fake_memory.remember("x", tags=["ok", tag])
+    assert err.value.field == "tags"
+    with pytest.raises(InvalidInput) as err:
+        fake_memory.remember("x", collection=tag)
+    assert err.value.field == "collection"
+
+
+# --- 9. CLI import and export of bad data ------------------------------------------------------------
+def test_import_skips_a_line_nested_100k_deep(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    deep = '{"text": "deep", "metadata": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}"
+    src.write_text(f'{{"text": "first"}}\n{deep}\n{{"text": "third"}}\n', encoding="utf-8")
+    res = CliRunner().invoke(cli_main, ["--home", str(tmp_path / "h"), "--json", "import", str(src)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    report = json.loads(res.stdout)
+    assert report["imported"] == 2 and report["error_count"] == 1
+    assert report["errors"][0]["line"] == 2 and "nested" in report["errors"][0]["message"]
+
+
+def _store_invalid_utf8(mem: Memory) -> int:
+    """A row whose text is not UTF-8 (written by another tool, or a flipped bit on the card)."""
+    mid = mem.remember("will be damaged").id
+    with mem.store.writer() as conn:
+        conn.execute("UPDATE memories SET source = CAST(X'6361666580ff' AS TEXT) WHERE id = ?", (mid,))
+    return mid
+
+
+def test_export_salvages_rows_with_invalid_utf8(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    with Memory(Settings.load(env={"MEMENTO_HOME": str(home)}), embedder=FakeEmbedder()) as mem:
+        mem.remember("good one")
+        bad = _store_invalid_utf8(mem)
+        mem.remember("good two")
+        assert mem.get(bad).source == "cafe\ufffd\ufffd"
+        problems = mem.check()["problems"]
+        assert any(f"memory {bad}" in p and "UTF-8" in p for p in problems)
+    res = _cli(home, "export")
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert [ln["id"] for ln in lines] == [1, bad, 3]
+    assert "not valid UTF-8" in res.stderr
