@@ -7,10 +7,11 @@ table and ``memento-edge config`` are generated from :data:`SETTINGS`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import InvalidInput
 
@@ -93,6 +94,17 @@ SETTINGS: List[Setting] = [
 ]
 
 _SETTING_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+# Allowed ranges of the numeric settings (inclusive). A value outside is refused at load, naming the setting
+# and the source: 0 threads or connections served nothing, a port over 65535 wrapped to another port, a
+# negative body limit refused every POST, and an infinite cache size overflowed later.
+LIMITS: Dict[str, Tuple[float, float]] = {
+    "port": (1, 65535), "threads": (1, 256), "connection_limit": (1, 100_000), "channel_timeout": (1, 86_400),
+    "request_timeout": (0.1, 3600), "max_body_bytes": (1, 2**31 - 1), "rate_limit_per_minute": (0, 10**9),
+    "ort_threads": (1, 256), "cache_entries": (0, 10**8), "cache_mb": (0, 65_536),
+    "batch_token_budget": (1, 10**8), "max_tokens": (1, 100_000), "idle_unload_minutes": (0, 10**7),
+    "rss_limit_mb": (0, 10**7), "dedupe_threshold": (0, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -189,8 +201,11 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"config file {path} is not valid UTF-8 (byte {exc.start})", field="config") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise InvalidInput(f"cannot read config file {path}: {exc}", field="config") from exc
+        detail = " ".join(str(exc).split())  # one line: YAML errors span several
+        raise InvalidInput(f"cannot read config file {path}: {detail}", field="config") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"config file {path} must hold a mapping of settings", field="config")
     return data
@@ -204,8 +219,18 @@ def _coerce(values: Mapping[str, Any], *, source: str) -> Dict[str, Any]:
             raise InvalidInput(f"unknown setting {key!r} in {source}", field=key)
         try:
             out[key] = setting.type(raw) if raw is not None else None
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"bad value for setting {key!r} in {source}: {raw!r}", field=key) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInput(f"bad value for setting {key!r} in {source}: {str(raw)[:100]!r}", field=key) from exc
+        _check_range(key, out[key], source)
     if "synchronous" in out and str(out["synchronous"]).upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise InvalidInput("synchronous must be FULL, EXTRA or NORMAL", field="synchronous")
     return out
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    if key not in LIMITS or value is None:
+        return
+    lo, hi = LIMITS[key]
+    if isinstance(value, bool) or not math.isfinite(value) or not lo <= value <= hi:
+        shown = f"{lo:g}..{hi:g}"
+        raise InvalidInput(f"setting {key!r} in {source} must be from {shown}; got {value!r}", field=key)

@@ -419,25 +419,35 @@ class Memory:
                 mode = "keyword"
         vec_hits: List[Tuple[int, float]] = []
         kw_hits: List[Tuple[int, float]] = []
-        if mode == "vector":
-            assert qvec is not None  # embedded above, or the mode fell back to keyword
-            vec_hits = self.store.vector_search(qvec, topk, flt)
-            ranked = [(i, s) for i, s in vec_hits]
-        elif mode == "keyword":
+        vsim: Dict[int, float] = {}
+        try:
+            if mode == "vector":
+                assert qvec is not None  # embedded above, or the mode fell back to keyword
+                vec_hits = self.store.vector_search(qvec, topk, flt)
+                ranked = [(i, s) for i, s in vec_hits]
+            elif mode == "keyword":
+                kw_hits = self.store.keyword_search(query, topk, flt)
+                ranked = list(kw_hits)
+            else:
+                assert qvec is not None
+                pool = max(HYBRID_POOL, topk * 4)
+                # Fusion uses ranks only, so the approximate vector pass suffices for the pool; the
+                # similarities shown are then computed exactly for the hits returned.
+                vec_hits = self.store.vector_search(qvec, pool, flt, exact=False)
+                kw_hits = self.store.keyword_search(query, pool, flt)
+                ranked = _fuse(vec_hits, kw_hits)[:topk]
+            vsim = dict(vec_hits)
+            if mode == "hybrid":
+                vsim = self.store.exact_similarities(qvec, [i for i, _ in ranked if i in vsim])
+        except StoreError as exc:
+            if mode == "keyword":
+                raise
+            # A damaged vector index must not take recall down with it: `check` names it, reindex repairs it.
+            note = f"{mode} recall unavailable, answered by keyword: {exc}"
+            mode, vec_hits, vsim = "keyword", [], {}
             kw_hits = self.store.keyword_search(query, topk, flt)
             ranked = list(kw_hits)
-        else:
-            assert qvec is not None
-            pool = max(HYBRID_POOL, topk * 4)
-            # Fusion uses ranks only, so the approximate vector pass suffices for the pool; the
-            # similarities shown are then computed exactly for the hits returned.
-            vec_hits = self.store.vector_search(qvec, pool, flt, exact=False)
-            kw_hits = self.store.keyword_search(query, pool, flt)
-            ranked = _fuse(vec_hits, kw_hits)[:topk]
         vrank = {i: n + 1 for n, (i, _) in enumerate(vec_hits)}
-        vsim = dict(vec_hits)
-        if mode == "hybrid" and qvec is not None:
-            vsim = self.store.exact_similarities(qvec, [i for i, _ in ranked if i in vrank])
         krank = {i: n + 1 for n, (i, _) in enumerate(kw_hits)}
         rows = self.store.get_many([i for i, _ in ranked])
         hits = [Hit(**_record_fields(rows[i]), score=float(s), similarity=vsim.get(i), vector_rank=vrank.get(i),
@@ -584,6 +594,8 @@ class Memory:
         fp = self.embedder.fingerprint
         if self.store.vector is None:
             raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
+        if self.store.reset_vectors_if_damaged():
+            _log.warning("the vector index was damaged: recreated it empty, re-embedding every memory")
         total = self.store.count()
         done = 0
         for rows in self.store.iter_rows(batch):

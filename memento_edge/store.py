@@ -102,6 +102,7 @@ class _VectorIndex:
     """Interface of the two vector backends."""
 
     name = ""
+    table = ""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -126,9 +127,19 @@ class _VectorIndex:
     def get(self, conn: sqlite3.Connection, memory_id: int) -> Optional[np.ndarray]:
         raise NotImplementedError
 
+    def damaged(self, conn: sqlite3.Connection) -> List[str]:
+        """Problems with the stored vectors' shape (empty = ok)."""
+        raise NotImplementedError
+
+    def reset(self, conn: sqlite3.Connection) -> None:
+        """Drop every vector and recreate the empty index (reindex of a damaged index)."""
+        conn.execute(f"DROP TABLE IF EXISTS {self.table}")
+        self.create(conn)
+
 
 class _SqliteVecIndex(_VectorIndex):
     name = "sqlite-vec"
+    table = "memory_vec"
 
     def create(self, conn: sqlite3.Connection) -> None:
         # chunk_size 64 (default 1024): a point lookup walks the overflow chain of one chunk blob, so
@@ -154,6 +165,16 @@ class _SqliteVecIndex(_VectorIndex):
     def get(self, conn: sqlite3.Connection, memory_id: int) -> Optional[np.ndarray]:
         row = conn.execute("SELECT embedding FROM memory_vec WHERE rowid = ?", (memory_id,)).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype=np.float32)
+
+    def damaged(self, conn: sqlite3.Connection) -> List[str]:
+        # vec0 keeps vectors in chunk blobs of `size` rows each; a blob of another length breaks every
+        # KNN query over the table ("vectors blob size doesn't match").
+        rows = conn.execute(
+            """SELECT c.chunk_id FROM memory_vec_chunks c
+               LEFT JOIN memory_vec_vector_chunks00 v ON v.rowid = c.chunk_id
+               WHERE v.vectors IS NULL OR length(v.vectors) != c.size * ?
+                  OR length(c.rowids) != c.size * 8 LIMIT 20""", (self.dim * 4,)).fetchall()
+        return [f"vector index chunk {r[0]} is damaged (run `memento-edge reindex`)" for r in rows]
 
     def _knn(self, conn: sqlite3.Connection, qb: bytes, k: int) -> List[Tuple[int, float]]:
         rows = conn.execute(
@@ -219,6 +240,7 @@ def _point_distances(conn: sqlite3.Connection, qb: bytes, ids: Sequence[int]) ->
 
 class _NumpyIndex(_VectorIndex):
     name = "numpy"
+    table = "memory_vectors"
 
     def create(self, conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -239,16 +261,27 @@ class _NumpyIndex(_VectorIndex):
 
     def get(self, conn, memory_id):
         row = conn.execute("SELECT embedding FROM memory_vectors WHERE id = ?", (memory_id,)).fetchone()
-        return None if row is None else np.frombuffer(row[0], dtype=np.float32)
+        if row is None or len(row[0]) != self.dim * 4:
+            return None
+        return np.frombuffer(row[0], dtype=np.float32)
+
+    def damaged(self, conn: sqlite3.Connection) -> List[str]:
+        """Vectors whose blob is not ``dim`` float32s (skipped by search; `reindex` rewrites them)."""
+        ids = [r[0] for r in conn.execute("SELECT id FROM memory_vectors WHERE length(embedding) != ? LIMIT 20",
+                                          (self.dim * 4,))]
+        return [f"vector of memory {i} has the wrong length (run `memento-edge reindex`)" for i in ids]
 
     def search(self, conn, query, k, candidate_sql, candidates):
         q = np.ascontiguousarray(query, dtype=np.float32)
+        # A blob of the wrong length (damage) is skipped rather than breaking every search: check names it.
+        size = self.dim * 4
         if candidate_sql is None:
-            sql, params = "SELECT id, embedding FROM memory_vectors", []
+            sql, params = "SELECT id, embedding FROM memory_vectors WHERE length(embedding) = ?", [size]
         else:
             where, params = candidate_sql
             sql = (f"SELECT v.id, v.embedding FROM memory_vectors v JOIN memories m ON m.id = v.id "
-                   f"WHERE {where}")
+                   f"WHERE length(v.embedding) = ? AND {where}")
+            params = [size, *params]
         best_ids = np.empty(0, dtype=np.int64)
         best_scores = np.empty(0, dtype=np.float32)
         cur = conn.execute(sql, params)
@@ -423,28 +456,45 @@ class Store:
 
     # --- connections ----------------------------------------------------------------------------
     def _check_file(self) -> None:
-        """Refuse, without writing a byte, a file that is not a (memento-edge) SQLite database."""
+        """Refuse, without writing a byte, a file that is not a healthy memento-edge SQLite database.
+
+        A 0-byte file is refused too (SQLite would silently make it a new, empty store), and ``PRAGMA
+        quick_check`` catches damaged pages before a write lands in a damaged file.
+        """
         if not self.path.exists():
             return
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a database file")
         with open(self.path, "rb") as fh:
             head = fh.read(16)
+        if not head and not _nonempty(Path(str(self.path) + "-wal")):
+            raise StoreError(f"{self.path} is empty (0 bytes), not a memento-edge database; it was left "
+                             f"untouched. {self._restore_hint()}, or move it away to start an empty store")
         if head and head != SQLITE_HEADER:
             raise StoreError(f"{self.path} is not a SQLite database (corrupt or another kind of file); "
-                             "it was left untouched")
+                             f"it was left untouched. {self._restore_hint()}")
         if not head:
             return
         try:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             try:
                 names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                damage = [r[0] for r in conn.execute("PRAGMA quick_check(3)")] if names else ["ok"]
             finally:
                 conn.close()
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path} cannot be read as a database ({exc}); it was left untouched") from exc
+            raise StoreError(f"{self.path} cannot be read as a database ({exc}); it was left untouched. "
+                             f"{self._restore_hint()}") from exc
         if names and "_migrations" not in names:
             raise StoreError(f"{self.path} is a SQLite database of another application; it was left untouched")
+        if damage != ["ok"]:
+            raise StoreError(f"{self.path} is damaged ({'; '.join(damage)[:300]}); it was left untouched. "
+                             f"{self._restore_hint()}")
+
+    def _restore_hint(self) -> str:
+        backups = self.path.parent / "backups"
+        where = f" (the service's backups are in {backups})" if backups.is_dir() else ""
+        return f"Restore a backup with `memento-edge restore BACKUP`{where}"
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -530,8 +580,10 @@ class Store:
                 for op, a, b in self._pending:
                     if op == "put":
                         cache.put(a, b)
-                    else:
+                    elif op == "del":
                         cache.remove(a)
+                    else:  # "reset": the table was emptied
+                        cache.__init__(cache.dim)  # type: ignore[misc]
                 cache.generation = self._new_gen
             self._inflight_gen = None
             self._pending = []
@@ -951,11 +1003,23 @@ class Store:
         problems.extend(self._invalid_utf8_rows())
         if self.vector is not None:
             with self.reader() as c:
+                problems.extend(self.vector.damaged(c))
                 n_mem = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
                 n_vec = self.vector.count(c)
             if n_vec != n_mem:
                 problems.append(f"{n_mem} memories but {n_vec} vectors (run `memento-edge reindex`)")
         return problems
+
+    def reset_vectors_if_damaged(self) -> bool:
+        """Drop and recreate a vector index whose storage is damaged (reindex refills it); True if done."""
+        index = self._require_vectors()
+        with self.reader() as c:
+            if not index.damaged(c):
+                return False
+        with self.writer() as c:
+            index.reset(c)
+            self._note_vector_change(c, ("reset", None, None))
+        return True
 
     def _invalid_utf8_rows(self, limit: int = 20) -> List[str]:
         """One problem per memory whose text columns are not valid UTF-8 (the first ``limit``)."""
@@ -1003,6 +1067,13 @@ class Store:
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
         return dest
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _is_utf8(raw: bytes) -> bool:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from memento_edge.cli import main as cli_main
 from memento_edge.config import Settings
 from memento_edge.embedder import FakeEmbedder
-from memento_edge.errors import InvalidInput
+from memento_edge.errors import InvalidInput, StoreError
 from memento_edge.memory import MAX_METADATA_DEPTH, Memory
 from webfixtures import make_env
 
@@ -157,3 +157,95 @@ def test_export_salvages_rows_with_invalid_utf8(tmp_path: Path) -> None:
     lines = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert [ln["id"] for ln in lines] == [1, bad, 3]
     assert "not valid UTF-8" in res.stderr
+
+
+# --- 6. corrupt databases ---------------------------------------------------------------------------
+def _settings(home: Path, **kw: Any) -> Settings:
+    return Settings.load(env={"MEMENTO_HOME": str(home)}, **kw)
+
+
+def test_zero_byte_database_refused_naming_the_file_and_the_restore(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "memento.db").write_bytes(b"")
+    with pytest.raises(StoreError) as err:
+        Memory(_settings(home), embedder=FakeEmbedder())
+    assert str(home / "memento.db") in err.value.message and "memento-edge restore" in err.value.message
+    assert (home / "memento.db").stat().st_size == 0  # left untouched
+    res = _cli(home, "stats")
+    assert res.exit_code == 1 and "Traceback" not in res.output and "0 bytes" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _fill(home: Path, n: int = 300) -> Path:
+    with Memory(_settings(home), embedder=FakeEmbedder()) as mem:
+        mem.remember_many([{"text": f"memory number {i} " + "lorem ipsum " * 20} for i in range(n)])
+    return home / "memento.db"
+
+
+def test_random_bytes_mid_file_refused_at_open(tmp_path: Path) -> None:
+    db = _fill(tmp_path / "h")
+    size = db.stat().st_size
+    with open(db, "r+b") as fh:  # clobber a few pages in the middle (past the schema on page 1)
+        fh.seek(size // 2 - 4096)
+        fh.write(bytes(range(256)) * 48)
+    with pytest.raises(StoreError) as err:
+        Memory(_settings(tmp_path / "h"), embedder=FakeEmbedder())
+    assert str(db) in err.value.message and "damaged" in err.value.message
+    assert "memento-edge restore" in err.value.message
+
+
+@pytest.mark.parametrize("backend, damage", [
+    ("numpy", "UPDATE memory_vectors SET embedding = zeroblob(10) WHERE id = 2"),
+    ("sqlite-vec", "UPDATE memory_vec_vector_chunks00 SET vectors = zeroblob(10)"),
+])
+def test_wrong_length_vector_found_by_check_and_recall_degrades(tmp_path: Path, backend: str,
+                                                                damage: str) -> None:
+    env = make_env(tmp_path, vector_backend=backend)
+    try:
+        for t in ("alpha apples", "beta bananas", "gamma grapes"):
+            env.memory.remember(t)
+        with env.memory.store.writer() as conn:
+            conn.execute(damage)
+        assert not env.memory.check()["ok"]
+        assert any("vector" in p for p in env.memory.check()["problems"])
+        for mode in ("hybrid", "vector", "keyword"):
+            r = env.client.post("/v1/recall", json={"query": "beta bananas", "mode": mode})
+            assert r.status_code == 200, (mode, r.get_data(as_text=True))
+            assert r.get_json()["hits"], mode
+        env.memory.reindex()
+        assert env.memory.check()["ok"], env.memory.check()
+        assert env.memory.recall("beta bananas", mode="vector").hits[0].text == "beta bananas"
+    finally:
+        env.close()
+
+
+# --- 8. config validation ---------------------------------------------------------------------------
+@pytest.mark.parametrize("yaml_bytes, field", [
+    (b"port: 8077\nlog_level: \xff\xfe\n", "config"),
+    (b"cache_mb: .inf\n", "cache_mb"),
+    (b"cache_mb: .nan\n", "cache_mb"),
+    (b"threads: 0\n", "threads"),
+    (b"connection_limit: 0\n", "connection_limit"),
+    (b"max_body_bytes: -1\n", "max_body_bytes"),
+    (b"port: 84848\n", "port"),
+    (b"request_timeout: 0\n", "request_timeout"),
+    (b"port: [1, 2\n", "config"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path: Path, yaml_bytes: bytes, field: str) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_bytes(yaml_bytes)
+    with pytest.raises(InvalidInput) as err:
+        Settings.load(config_file=str(cfg))
+    assert err.value.field == field
+    res = CliRunner().invoke(cli_main, ["--config", str(cfg), "config"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and (str(cfg) in res.stderr or field in res.stderr)
+
+
+def test_out_of_range_port_in_the_environment_is_refused() -> None:
+    with pytest.raises(InvalidInput) as err:
+        Settings.load(env={"MEMENTO_PORT": "84848", "MEMENTO_CONFIG": ""})
+    assert err.value.field == "port" and "environment" in err.value.message
+    res = CliRunner().invoke(cli_main, ["serve", "--port", "84848"])
+    assert res.exit_code == 1 and "'port'" in res.stderr and "Traceback" not in res.output
