@@ -437,7 +437,7 @@ class Memory:
                 kw_hits = self.store.keyword_search(query, pool, flt)
                 ranked = _fuse(vec_hits, kw_hits)[:topk]
             vsim = dict(vec_hits)
-            if mode == "hybrid":
+            if mode == "hybrid" and qvec is not None:
                 vsim = self.store.exact_similarities(qvec, [i for i, _ in ranked if i in vsim])
         except StoreError as exc:
             if mode == "keyword":
