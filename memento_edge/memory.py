@@ -261,6 +261,8 @@ class Memory:
         mono = time.monotonic()
         if self._clock_checked_at is not None and mono - self._clock_checked_at < CLOCK_RECHECK_S:
             return reading
+        if self.store.read_only is not None:
+            return reading  # re-dating is a write: it waits until the disk takes writes again
         with self._clock_lock:
             self._clock_checked_at = mono
             if reading.boot_id is not None and self.store.untrusted_clock_count(reading.boot_id):
@@ -583,6 +585,10 @@ class Memory:
         """Replace the configured database with the verified backup ``src`` (stop the service first)."""
         settings = settings or Settings.load()
         return _store.restore(Path(src), settings.db_path)
+
+    def health(self) -> Dict[str, Any]:
+        """Database readiness for ``/readyz``: readable, writable (free space, read-only disk), and why not."""
+        return self.store.health()
 
     def check(self) -> Dict[str, Any]:
         """Integrity of the database, the full-text index and the vectors."""

@@ -15,6 +15,8 @@ Vectors live in one of two backends, fixed when the database is created and reco
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ import numpy as np
 
 from . import migrations
 from .clock import ClockReading
+from .disk import DISK_FULL, DatabaseLock, disk_problem, disk_state
 from .errors import Busy, InvalidInput, StorageFull, StoreError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -424,8 +427,16 @@ class Store:
         self.dim = dim
         self.synchronous = synchronous.upper()
         self._busy_ms = busy_timeout_ms
+        # Why this store only reads (a full or read-only disk at open), or None: see _open_read_only.
+        self.read_only: Optional[str] = None
+        self._lock = DatabaseLock(self.path)
         self._check_file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from None
+        # Shared while open: `restore` takes it exclusively, so it cannot swap the file under us.
+        self._lock.acquire_shared(busy_timeout_ms / 1000)
         self._wlock = threading.RLock()
         self._readers: "queue.LifoQueue[sqlite3.Connection]" = queue.LifoQueue()
         self._reader_slots = threading.BoundedSemaphore(max_readers)
@@ -433,7 +444,6 @@ class Store:
         self._closed = False
         self._vec_loadable: Optional[bool] = None
         self.text_decoder = _TextDecoder()
-        self._writer = self._connect()
         # In-memory int8 copy of the sqlite-vec vectors (built on the first vector search). Kept in step
         # with our own writes after each commit; a 'vec_gen' counter in meta, bumped by every vector
         # write, tells us when another process (the CLI beside the service) changed the vectors.
@@ -442,12 +452,18 @@ class Store:
         self._pending: List[Tuple[str, Any, Any]] = []
         self._new_gen: Optional[int] = None
         self._inflight_gen: Optional[int] = None
+        self._writer: Optional[sqlite3.Connection] = None
         try:
+            self._writer = self._connect()
             migrations.migrate(self._writer)
             self.vector: Optional[_VectorIndex] = self._setup_vectors(vector_backend)
-        except sqlite3.Error as exc:
-            self.close()
-            raise _translate(exc) from exc
+        except (sqlite3.Error, StoreError) as exc:
+            reason = disk_problem(self.path.parent) if self.path.exists() else None
+            self._close_connections()
+            if reason is None:
+                self._lock.release()
+                raise (_translate(exc) if isinstance(exc, sqlite3.Error) else exc) from exc
+            self._open_read_only(reason)
         except BaseException:
             self.close()
             raise
@@ -476,7 +492,7 @@ class Store:
         if not head:
             return
         try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            conn = _connect_read_only(self.path)
             try:
                 names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 damage = [r[0] for r in conn.execute("PRAGMA quick_check(3)")] if names else ["ok"]
@@ -491,6 +507,23 @@ class Store:
             raise StoreError(f"{self.path} is damaged ({'; '.join(damage)[:300]}); it was left untouched. "
                              f"{self._restore_hint()}")
 
+    def _open_read_only(self, reason: str) -> None:
+        """Serve reads from a database the disk will not let us write (full, or mounted read-only).
+
+        Reads, keyword and vector recall keep working; every write raises StorageFull / StoreError with
+        ``reason``, and readiness says so. Only a database already at the current schema qualifies.
+        """
+        self.read_only = reason
+        self._writer = None
+        try:
+            with self.reader() as c:
+                if migrations.latest() not in migrations.applied(c):
+                    raise StoreError(f"{self.path} needs a schema upgrade, but {reason}")
+            self.vector = self._setup_vectors("auto")
+        except BaseException:
+            self.close()
+            raise
+
     def _restore_hint(self) -> str:
         backups = self.path.parent / "backups"
         where = f" (the service's backups are in {backups})" if backups.is_dir() else ""
@@ -498,8 +531,23 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(str(self.path), timeout=self._busy_ms / 1000, isolation_level=None,
-                                   check_same_thread=False)
+            if self.read_only is not None:
+                conn = _connect_read_only(self.path, check_same_thread=False)
+            else:
+                conn = self._connect_writable()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        conn.text_factory = self.text_decoder
+        loaded = _load_sqlite_vec(conn)
+        if self._vec_loadable is None:
+            self._vec_loadable = loaded
+        self._all.append(conn)
+        return conn
+
+    def _connect_writable(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), timeout=self._busy_ms / 1000, isolation_level=None,
+                               check_same_thread=False)
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
             conn.execute("PRAGMA journal_mode = WAL")
             # FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss.
@@ -508,13 +556,9 @@ class Store:
             conn.execute("PRAGMA cache_size = -1000")  # 1 MB per connection: the board has 512 MB
             conn.execute("PRAGMA journal_size_limit = 4194304")  # truncate the WAL after checkpoints
             conn.execute("PRAGMA temp_store = FILE")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
-        conn.text_factory = self.text_decoder
-        loaded = _load_sqlite_vec(conn)
-        if self._vec_loadable is None:
-            self._vec_loadable = loaded
-        self._all.append(conn)
+        except sqlite3.Error:
+            conn.close()
+            raise
         return conn
 
     @contextlib.contextmanager
@@ -546,6 +590,10 @@ class Store:
         """The writer connection inside ``BEGIN IMMEDIATE``; commits on success, rolls back on error."""
         if self._closed:
             raise StoreError("the store is closed")
+        if self.read_only is not None or self._writer is None:
+            error = StorageFull if self.read_only == DISK_FULL else StoreError
+            raise error(f"the database is read-only: {self.read_only or 'not open for writing'} (it was "
+                        "opened read-only; free space or remount, then restart the service)")
         with self._wlock:
             conn = self._writer
             try:
@@ -617,13 +665,19 @@ class Store:
         self._closed = True
         with self._wlock:
             try:
-                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except (sqlite3.Error, AttributeError):
+                if self._writer is not None:
+                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
                 pass
-            for conn in self._all:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._all.clear()
+            self._close_connections()
+        self._lock.release()
+
+    def _close_connections(self) -> None:
+        for conn in self._all:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._all.clear()
+        self._readers = queue.LifoQueue()
 
     # --- meta and vectors -------------------------------------------------------------------------
     def _setup_vectors(self, wanted: str) -> Optional[_VectorIndex]:
@@ -1010,6 +1064,25 @@ class Store:
                 problems.append(f"{n_mem} memories but {n_vec} vectors (run `memento-edge reindex`)")
         return problems
 
+    def health(self) -> Dict[str, Any]:
+        """Readiness facts: can the database be read, and written (disk space, read-only mount or open)."""
+        problems: List[str] = []
+        readable = True
+        try:
+            with self.reader() as c:
+                c.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+        except (StoreError, Busy) as exc:
+            readable = False
+            problems.append(exc.message)
+        disk = disk_state(self.path.parent)
+        if disk["problem"]:
+            problems.append(disk["problem"])
+        if self.read_only is not None and self.read_only != disk["problem"]:
+            problems.append(f"opened read-only at start: {self.read_only} (restart once it is fixed)")
+        return {"db_readable": readable, "db_writable": readable and not problems and self.read_only is None,
+                "read_only": self.read_only is not None, "disk_free_bytes": disk["free_bytes"],
+                "disk_total_bytes": disk["total_bytes"], "error": "; ".join(problems) or None}
+
     def reset_vectors_if_damaged(self) -> bool:
         """Drop and recreate a vector index whose storage is damaged (reindex refills it); True if done."""
         index = self._require_vectors()
@@ -1043,10 +1116,26 @@ class Store:
     def backup(self, dest: os.PathLike, progress: Optional[Any] = None) -> Path:
         """Online backup through SQLite's backup API (a file copy would miss pages still in the WAL)."""
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".partial")
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(dest.parent)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            with _partial_lock(tmp):
+                self._copy_verified(tmp, progress)
+                _fsync_file(tmp)
+                os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a failed backup leaves nothing behind
+            if isinstance(exc, (OSError, sqlite3.Error, StoreError)):
+                raise _backup_error(dest, exc) from exc
+            raise
+        return dest
+
+    def _copy_verified(self, tmp: Path, progress: Optional[Any]) -> None:
         target = sqlite3.connect(str(tmp))
         try:
             def _progress(status: int, remaining: int, total: int) -> None:
@@ -1059,14 +1148,69 @@ class Store:
             ok = target.execute("PRAGMA integrity_check").fetchone()[0]
             if ok != "ok":
                 raise StoreError(f"backup failed verification: {ok}")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
         finally:
             target.close()
-        _fsync_file(tmp)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-        return dest
+
+
+# A .partial file untouched for this long, and not locked by a running backup, was left by a killed one.
+STALE_PARTIAL_S = 60.0
+
+
+@contextlib.contextmanager
+def _partial_lock(tmp: Path) -> Iterator[None]:
+    """Hold a flock on a backup's .partial file while it is written, so cleanup can tell it is alive."""
+    fd = os.open(str(tmp), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(directory: Path) -> List[Path]:
+    """Delete the .partial files killed backups left in ``directory`` (a backup that is still running
+    holds a lock on its own); returns what was removed. Only SQLite (or empty) files are touched."""
+    removed: List[Path] = []
+    for path in directory.glob("*.partial"):
+        try:
+            st = path.stat()
+            if time.time() - st.st_mtime < STALE_PARTIAL_S:
+                continue
+            with open(path, "rb") as fh:
+                if fh.read(16) not in (b"", SQLITE_HEADER):
+                    continue
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a running backup?
+            path.unlink()
+            removed.append(path)
+        except (BlockingIOError, OSError):
+            continue
+    return removed
+
+
+def _backup_error(dest: Path, exc: BaseException) -> StoreError:
+    """A failed backup as a domain error naming the destination (507 when the disk is full)."""
+    translated = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+    if isinstance(translated, StoreError):
+        return type(translated)(f"cannot write the backup {dest}: {translated.message}")
+    problem = disk_problem(dest.parent if dest.parent.exists() else Path("/"))
+    detail = getattr(exc, "strerror", None) or str(exc)
+    if problem == DISK_FULL or getattr(exc, "errno", None) == errno.ENOSPC:
+        return StorageFull(f"cannot write the backup {dest}: the disk is full")
+    return StoreError(f"cannot write the backup {dest}: {detail}")
+
+
+def _connect_read_only(path: Path, **kwargs: Any) -> sqlite3.Connection:
+    """A read-only connection, also on a disk where SQLite cannot create the ``-shm`` file (full or
+    read-only): then, if the WAL holds nothing, the file is opened ``immutable`` (nothing to miss)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, **kwargs)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if _nonempty(Path(str(path) + "-wal")):
+            raise
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None, **kwargs)
 
 
 def _nonempty(path: Path) -> bool:
@@ -1121,6 +1265,17 @@ def restore(src: os.PathLike, dest: os.PathLike) -> Path:
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise InvalidInput(f"backup file not found: {src}", field="src")
+    if dest.parent.exists():
+        lock = DatabaseLock(dest)
+        lock.acquire_exclusive()  # refuses while any process (the service, a command) has dest open
+        try:
+            return _restore_unlocked(src, dest)
+        finally:
+            lock.release()
+    return _restore_unlocked(src, dest)
+
+
+def _restore_unlocked(src: Path, dest: Path) -> Path:
     with open(src, "rb") as fh:
         if fh.read(16) != SQLITE_HEADER:
             raise StoreError(f"{src} is not a SQLite database")

@@ -6,6 +6,10 @@ or a traceback.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import threading
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any, Dict
@@ -14,11 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 from memento_edge.cli import main as cli_main
+from memento_edge import store as store_restore
 from memento_edge.config import Settings
+from memento_edge.disk import DatabaseLock
 from memento_edge.embedder import FakeEmbedder
 from memento_edge.errors import InvalidInput, StoreError
 from memento_edge.memory import MAX_METADATA_DEPTH, Memory
-from webfixtures import make_env
+from webfixtures import WebEnv, make_env
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +255,153 @@ def test_out_of_range_port_in_the_environment_is_refused() -> None:
     assert err.value.field == "port" and "environment" in err.value.message
     res = CliRunner().invoke(cli_main, ["serve", "--port", "84848"])
     assert res.exit_code == 1 and "'port'" in res.stderr and "Traceback" not in res.output
+
+
+# --- 5. sick storage: honest readiness, start read-only -------------------------------------------------
+class _FakeStatvfs:
+    def __init__(self, real: Any, *, read_only: bool = False, free_blocks: Any = None) -> None:
+        self.f_frsize, self.f_blocks = real.f_frsize, real.f_blocks
+        self.f_bavail = real.f_bavail if free_blocks is None else free_blocks
+        self.f_flag = real.f_flag | (os.ST_RDONLY if read_only else 0)
+
+
+@pytest.mark.parametrize("fault, words", [({"read_only": True}, "read-only"), ({"free_blocks": 3}, "disk is full")])
+def test_readyz_tells_the_truth_about_a_sick_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fault: Dict[str, Any], words: str) -> None:
+    env = make_env(tmp_path)
+    try:
+        ok = env.client.get("/readyz")
+        assert ok.status_code == 200 and ok.get_json()["db"]["writable"] is True
+        real = os.statvfs
+        monkeypatch.setattr(os, "statvfs", lambda p: _FakeStatvfs(real(p), **fault))
+        health = env.memory.health()
+        assert health["db_readable"] and not health["db_writable"] and words in health["error"]
+        r = env.client.get("/readyz")
+        assert r.status_code == 503
+        assert r.get_json()["db"]["writable"] is False and words in r.get_json()["db"]["error"]
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 4 MB tmpfs (a real full or read-only file system); needs the right to mount (root in CI)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; test_readyz_tells_the_truth_about_a_sick_disk covers readiness")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill_disk(mnt: Path) -> None:
+    with open(mnt / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+
+
+def _seed(home: Path) -> None:
+    with Memory(_settings(home), embedder=FakeEmbedder()) as mem:
+        mem.remember("the spare key is under the blue flower pot", tags=["home"])
+        mem.remember("the wifi password is on the fridge")
+
+
+@pytest.mark.parametrize("sickness", ["full", "read-only"])
+def test_starts_read_only_on_a_sick_disk_and_says_so(small_disk: Path, sickness: str) -> None:
+    home = small_disk / "home"
+    _seed(home)
+    if sickness == "full":
+        _fill_disk(small_disk)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    env = WebEnv(home)
+    try:
+        assert env.memory.store.read_only == ("the disk is full" if sickness == "full" else
+                                              "the file system is read-only")
+        hits = env.client.post("/v1/recall", json={"query": "spare key", "mode": "keyword"}).get_json()["hits"]
+        assert hits[0]["text"].startswith("the spare key")
+        assert env.client.post("/v1/recall", json={"query": "spare key"}).status_code == 200
+        assert env.client.get("/v1/memories/1").status_code == 200
+        assert env.client.get("/v1/export").status_code == 200
+        ready = env.client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["db"]["writable"] is False
+        w = env.client.post("/v1/memories", json={"text": "a new memory"})
+        assert w.status_code == (507 if sickness == "full" else 503), w.get_data(as_text=True)
+        assert "read-only" in w.get_json()["error"]["message"]
+        with pytest.raises(StoreError) as err:
+            env.memory.backup(small_disk / "backups" / "b.db")
+        assert str(small_disk / "backups" / "b.db") in err.value.message
+        assert not list(small_disk.glob("backups/*.partial"))
+    finally:
+        env.close()
+    res = _cli(home, "remember", "from the command line")
+    assert res.exit_code == 1 and "read-only" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+# --- 7. restore while the database is open ----------------------------------------------------------
+def test_restore_refuses_while_a_service_holds_the_database(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    settings = _settings(home)
+    with Memory(settings, embedder=FakeEmbedder()) as service:
+        service.remember("before the backup")
+        backup = service.backup(tmp_path / "b.db")
+        with pytest.raises(StoreError) as err:
+            Memory.restore(backup, settings)
+        assert "another memento-edge process" in err.value.message and str(os.getpid()) in err.value.message
+        res = _cli(home, "restore", "--yes", str(backup))
+        assert res.exit_code == 1 and "stop the service" in res.stderr
+        ack = service.remember("acknowledged while the restore was refused")
+    with Memory(settings, embedder=FakeEmbedder()) as mem:
+        assert mem.get(ack.id).text == "acknowledged while the restore was refused"
+
+
+def test_a_store_opened_during_a_restore_waits_and_writes_into_the_restored_file(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    settings = _settings(home)
+    with Memory(settings, embedder=FakeEmbedder()) as mem:
+        mem.remember("in the backup")
+        backup = mem.backup(tmp_path / "b.db")
+        mem.remember("lost by the restore, as asked")
+    restoring = DatabaseLock(settings.db_path)
+    restoring.acquire_exclusive()  # a restore in progress
+    opened: Dict[str, Any] = {}
+
+    def service() -> None:
+        with Memory(settings, embedder=FakeEmbedder()) as m:
+            opened["id"] = m.remember("acknowledged after the restore").id
+
+    t = threading.Thread(target=service)
+    t.start()
+    time.sleep(0.3)
+    assert "id" not in opened  # waiting for the restore
+    store_restore._restore_unlocked(Path(backup), settings.db_path)
+    restoring.release()
+    t.join(10)
+    with Memory(settings, embedder=FakeEmbedder()) as mem:
+        texts = [r.text for r in mem.recent().items]
+    assert texts == ["acknowledged after the restore", "in the backup"]
+
+
+# --- 11. backups --------------------------------------------------------------------------------------
+def test_partials_of_killed_backups_are_removed_by_the_next_backup(fake_memory: Memory, tmp_path: Path) -> None:
+    bdir = tmp_path / "backups"
+    bdir.mkdir()
+    stale = bdir / "memento-killed.db.partial"
+    stale.write_bytes(b"SQLite format 3\x00" + b"\0" * 5000)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = bdir / "memento-running.db.partial"  # a backup still being written by another process
+    fresh.write_bytes(b"")
+    unrelated = bdir / "notes.txt.partial"
+    unrelated.write_bytes(b"not ours")
+    os.utime(unrelated, (old, old))
+    fake_memory.remember("x")
+    fake_memory.backup(bdir / "memento-new.db")
+    assert not stale.exists() and fresh.exists() and unrelated.exists()
+    assert (bdir / "memento-new.db").exists()
+
