@@ -405,3 +405,27 @@ def test_partials_of_killed_backups_are_removed_by_the_next_backup(fake_memory: 
     assert not stale.exists() and fresh.exists() and unrelated.exists()
     assert (bdir / "memento-new.db").exists()
 
+
+
+def test_appliance_backup_script_keeps_the_newest_n(tmp_path: Path) -> None:
+    import jinja2
+
+    role = Path(__file__).resolve().parent.parent / "ansible" / "roles" / "memento_edge"
+    bdir, venv = tmp_path / "backups", tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    bdir.mkdir()
+    fake = venv / "bin" / "memento-edge"  # records the backup it was asked for, like the real command
+    fake.write_text('#!/bin/sh\nfor last; do :; done\necho backup > "$last"\n')
+    fake.chmod(0o755)
+    for day in range(1, 10):
+        (bdir / f"memento-2026010{day}T033000Z.db").write_text("old")
+    (bdir / ".memento-20260101T033000Z.db.partial.partial").write_text("killed")
+    text = jinja2.Template((role / "templates" / "memento-edge-backup.sh.j2").read_text()).render(
+        ansible_managed="test", memento_edge_backup_dir=str(bdir), memento_edge_backup_keep=3,
+        memento_edge_venv=str(venv), memento_edge_config_file="/dev/null")
+    script = tmp_path / "backup.sh"
+    script.write_text(text)
+    subprocess.run(["sh", str(script)], check=True)
+    left = sorted(p.name for p in bdir.iterdir())
+    assert len(left) == 3 and left[:2] == ["memento-20260108T033000Z.db", "memento-20260109T033000Z.db"]
+    assert left[2] > "memento-2026" and (bdir / left[2]).read_text() == "backup\n"
