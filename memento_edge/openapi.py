@@ -198,7 +198,10 @@ def _schemas() -> Dict[str, Any]:
             "required": ["ready", "db", "model"],
             "properties": {
                 "ready": {"type": "boolean"},
-                "db": {"type": "object", "properties": {"writable": {"type": "boolean"}, "error": _STRING}},
+                "db": {"type": "object", "properties": {
+                    "writable": {"type": "boolean"}, "readable": {"type": "boolean"},
+                    "read_only": {"type": "boolean"}, "disk_free_bytes": _nullable({"type": "integer"}),
+                    "disk_total_bytes": _nullable({"type": "integer"}), "error": _STRING}},
                 "model": {"type": "object", "properties": {
                     "state": {"type": "string",
                               "enum": ["loaded", "unloaded", "missing", "error", "unknown"]},

@@ -1,7 +1,6 @@
 """What an app holds between requests (one :class:`AppState` per app, no module globals) and readiness."""
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -51,22 +50,22 @@ def state() -> AppState:
 
 
 def readiness(st: AppState) -> Dict[str, Any]:
-    """``/readyz``: the database answers and is writable; the model's state; the governor's state."""
-    db_ok, db_error = True, None
+    """``/readyz``: the database is readable and writable (disk space, read-only mount or open), the
+    model's state, the governor's state. Not ready (503) whenever a write would fail."""
     try:
-        st.memory.count()
-        db_path = st.settings.db_path
-        target = db_path if db_path.exists() else db_path.parent
-        if not os.access(str(target), os.W_OK) or not os.access(str(db_path.parent), os.W_OK):
-            db_ok, db_error = False, "database file or directory is not writable"
+        db = st.memory.health()
     except MementoError as exc:
-        db_ok, db_error = False, exc.message
+        db = {"db_readable": False, "db_writable": False, "error": exc.message}
     except Exception as exc:  # readiness must answer, whatever broke
-        db_ok, db_error = False, f"{type(exc).__name__}"
-    body: Dict[str, Any] = {"ready": db_ok, "db": {"writable": db_ok}, "model": model_state(st.embedder),
-                            "governor": st.governor.state}
-    if db_error:
-        body["db"]["error"] = db_error
+        db = {"db_readable": False, "db_writable": False, "error": type(exc).__name__}
+    body: Dict[str, Any] = {
+        "ready": bool(db["db_writable"]),
+        "db": {"writable": bool(db["db_writable"]), "readable": bool(db["db_readable"]),
+               "read_only": bool(db.get("read_only", False)), "disk_free_bytes": db.get("disk_free_bytes"),
+               "disk_total_bytes": db.get("disk_total_bytes")},
+        "model": model_state(st.embedder), "governor": st.governor.state}
+    if db.get("error"):
+        body["db"]["error"] = db["error"]
     return body
 
 
