@@ -429,3 +429,54 @@ def test_appliance_backup_script_keeps_the_newest_n(tmp_path: Path) -> None:
     left = sorted(p.name for p in bdir.iterdir())
     assert len(left) == 3 and left[:2] == ["memento-20260108T033000Z.db", "memento-20260109T033000Z.db"]
     assert left[2] > "memento-2026" and (bdir / left[2]).read_text() == "backup\n"
+
+
+# --- 2. cross-site writes -----------------------------------------------------------------------------
+STATE_CHANGING = [("POST", "/v1/memories", {"text": "injected"}), ("POST", "/v1/import", None),
+                  ("PATCH", "/v1/memories/1", {"text": "changed"}), ("DELETE", "/v1/memories/1", None),
+                  ("POST", "/v1/recall", {"query": "x"}), ("POST", "/v1/backup", {})]
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site", "Origin": "http://localhost:3000"},
+    {"Origin": "http://localhost.evil.example"},
+])
+def test_cross_site_writes_are_refused(tmp_path: Path, headers: Dict[str, str]) -> None:
+    env = make_env(tmp_path)
+    try:
+        env.memory.remember("kept")
+        for method, path, body in STATE_CHANGING:
+            kwargs: Dict[str, Any] = {"headers": headers}
+            if body is not None:
+                kwargs["json"] = body
+            elif path == "/v1/import":
+                kwargs.update(data=b'{"text": "injected"}\n', content_type="application/x-ndjson")
+            r = env.client.open(path, method=method, **kwargs)
+            assert r.status_code == 403 and r.get_json()["error"]["code"] == "cross_site", (method, path)
+        assert [m.text for m in env.memory.recent().items] == ["kept"]
+        assert env.client.get("/v1/memories", headers=headers).status_code == 200  # reads are not state-changing
+    finally:
+        env.close()
+
+
+def test_the_own_page_and_non_browser_clients_may_write(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    try:
+        own = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
+        assert env.client.post("/v1/memories", json={"text": "from the page"}, headers=own).status_code == 201
+        assert env.client.post("/v1/memories", json={"text": "from curl"}).status_code == 201
+        typed = {"Sec-Fetch-Site": "none"}
+        assert env.client.post("/v1/memories", json={"text": "typed"}, headers=typed).status_code == 201
+    finally:
+        env.close()
+
+
+def test_text_plain_import_is_refused(tmp_path: Path) -> None:
+    """text/plain is what a cross-site form or fetch can send without a preflight."""
+    env = make_env(tmp_path)
+    try:
+        r = env.client.post("/v1/import", data=b'{"text": "injected"}\n', content_type="text/plain")
+        assert r.status_code == 415 and env.memory.count() == 0
+    finally:
+        env.close()

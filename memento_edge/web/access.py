@@ -16,6 +16,7 @@ from typing import Any, Callable, FrozenSet, Optional
 from flask import Flask, Response, current_app, g, request
 
 from ..auth import ANONYMOUS, Principal, bearer_token, is_loopback
+from .crosssite import check_cross_site
 from .errors import ApiError, bad, retry_after
 from .state import AppState, state
 
@@ -75,6 +76,7 @@ def _before() -> Optional[Response]:
     view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
     if view is None or request.endpoint == "static":
         return None  # 404/405 and static files: nothing to protect
+    check_cross_site(request)  # every state-changing route, before anything reads the body
     if st.check_host and not _host_is_loopback(request.host):
         raise ApiError(403, "forbidden", "this service has no token configured and answers only to "
                        "localhost host names (DNS-rebinding protection)")

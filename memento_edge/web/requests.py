@@ -18,8 +18,9 @@ from ..errors import NotFound
 from ..schema import (INT64_MAX, MAX_IDEMPOTENCY_KEY, MAX_TIMESTAMP, MIN_TIMESTAMP)
 from .errors import ApiError, bad, unprocessable
 
+# No text/plain: a browser sends that cross-site without a preflight (see crosssite.py).
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
-                "application/json-lines", "text/plain")
+                "application/json-lines")
 
 
 def _reject_constant(name: str) -> Any:
