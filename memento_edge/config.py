@@ -61,8 +61,12 @@ SETTINGS: List[Setting] = [
     Setting("host", str, "127.0.0.1", "Address the HTTP service binds to."),
     Setting("port", int, 8077, "TCP port of the HTTP service."),
     Setting("threads", int, 4, "Waitress worker threads."),
-    Setting("connection_limit", int, 32, "Waitress: maximum simultaneous connections."),
+    Setting("connection_limit", int, 100, "Waitress: maximum simultaneous connections (idle keep-alives are "
+            "closed early once 3/4 of them are open)."),
     Setting("channel_timeout", int, 30, "Waitress: seconds an idle connection is kept."),
+    Setting("header_timeout", float, 10.0, "Seconds a client may take to send a request's headers (the whole "
+            "request: 4x this); slower connections are closed (slowloris)."),
+    Setting("connections_per_client", int, 20, "Most connections one client address may hold open."),
     Setting("request_timeout", float, 30.0, "Seconds a request may wait for the model or the database."),
     Setting("max_body_bytes", int, 8 * 1024 * 1024, "Largest accepted request body (413 above)."),
     Setting("rate_limit_per_minute", int, 600, "Requests per minute per token (or client address); 0 = off."),
@@ -100,6 +104,7 @@ _SETTING_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 # negative body limit refused every POST, and an infinite cache size overflowed later.
 LIMITS: Dict[str, Tuple[float, float]] = {
     "port": (1, 65535), "threads": (1, 256), "connection_limit": (1, 100_000), "channel_timeout": (1, 86_400),
+    "header_timeout": (0.5, 3600), "connections_per_client": (1, 100_000),
     "request_timeout": (0.1, 3600), "max_body_bytes": (1, 2**31 - 1), "rate_limit_per_minute": (0, 10**9),
     "ort_threads": (1, 256), "cache_entries": (0, 10**8), "cache_mb": (0, 65_536),
     "batch_token_budget": (1, 10**8), "max_tokens": (1, 100_000), "idle_unload_minutes": (0, 10**7),
@@ -117,8 +122,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8077
     threads: int = 4
-    connection_limit: int = 32
+    connection_limit: int = 100
     channel_timeout: int = 30
+    header_timeout: float = 10.0
+    connections_per_client: int = 20
     request_timeout: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
     rate_limit_per_minute: int = 600

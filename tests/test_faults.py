@@ -6,7 +6,9 @@ or a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -480,3 +482,79 @@ def test_text_plain_import_is_refused(tmp_path: Path) -> None:
         assert r.status_code == 415 and env.memory.count() == 0
     finally:
         env.close()
+
+
+# --- 3. connection exhaustion -------------------------------------------------------------------------
+def _connect(port: int, source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))  # another client address: Linux routes all of 127/8 to loopback
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, wait: float = 8.0) -> bool:
+    sock.settimeout(wait)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Any:
+    """The service on a real socket (in-process), with small limits so the test stays quick."""
+    from memento_edge.web.server import create_guarded_server
+
+    env = make_env(tmp_path)
+    server = create_guarded_server(env.app, host="127.0.0.1", port=0, threads=2, connection_limit=48,
+                                   channel_timeout=30, header_timeout=1.0, connections_per_client=10)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield server
+    server.task_dispatcher.shutdown()
+    server.close()
+    thread.join(10)
+    env.close()
+
+
+def test_slowloris_and_idle_keepalives_leave_room_for_others(guarded: Any) -> None:
+    import http.client
+
+    port = int(guarded.effective_port)
+    slow = [_connect(port, "127.0.0.2") for _ in range(30)]
+    for sock in slow:
+        sock.send(b"POST /v1/memories HTTP/1.1\r\nHost: localhost\r\n")  # and never the rest
+    idle = []
+    for _ in range(40):
+        sock = _connect(port, "127.0.0.3")
+        try:
+            sock.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            idle.append(sock)
+        except OSError:
+            sock.close()
+    for _ in range(3):  # everyone else is still answered
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+    # Each attacker address holds at most connections_per_client sockets: the rest were closed at once.
+    assert sum(not _closed_by_server(s, 0.5) for s in slow) <= 10
+    # And the slow ones are cut off once their headers are late.
+    assert all(_closed_by_server(s) for s in slow)
+    for sock in slow + idle:
+        sock.close()
+
+
+def test_queue_depth_warning_is_rate_limited() -> None:
+    from memento_edge.web.server import QueueDepthFilter
+
+    flt = QueueDepthFilter(every=60)
+    records = [logging.LogRecord("waitress.queue", logging.WARNING, __file__, 1, "Task queue depth is %d", (n,),
+                                 None) for n in range(500)]
+    assert sum(flt.filter(r) for r in records) == 1

@@ -84,18 +84,18 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     buffering them, so an oversized upload costs neither memory nor SD-card writes; bodies just over
     the cap reach the app and get the JSON 413.
     """
-    from waitress.server import create_server
-
     from ..embedder import tune_malloc
+    from .server import create_guarded_server
 
     mode = check_bind(settings)
     tune_malloc()  # before the worker threads and the model allocate anything
     own_memory = memory is None
     app = create_app(settings, memory)
     st: AppState = app.extensions[EXT]
-    server = create_server(
+    server = create_guarded_server(
         app, host=settings.host, port=settings.port, threads=settings.threads,
         connection_limit=settings.connection_limit, channel_timeout=settings.channel_timeout,
+        header_timeout=settings.header_timeout, connections_per_client=settings.connections_per_client,
         max_request_body_size=int(settings.max_body_bytes) + 1024, ident="memento-edge",
         clear_untrusted_proxy_headers=True)
     _log_bind(mode, settings, len(st.tokens))
