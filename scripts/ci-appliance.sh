@@ -53,7 +53,8 @@ setup() {
   command -v ssh >/dev/null || need+=(openssh-client)
   command -v arch-test >/dev/null || need+=(arch-test)
   local qv
-  qv="$(qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p')"
+  # (|| true: on a fresh machine qemu-aarch64-static is absent, and pipefail would end the script here)
+  qv="$(qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' || true)"
   if [ "${#need[@]}" -gt 0 ] || [ "${qv:-0}" -lt 8 ]; then
     local bpo=/etc/apt/sources.list.d/memento-bookworm-backports.sources
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -65,7 +66,16 @@ setup() {
     [ "${qv:-0}" -lt 8 ] && DEBIAN_FRONTEND=noninteractive timeout 1200 apt-get install -y -qq -t bookworm-backports qemu-user-static
   fi
   [ -e /proc/sys/fs/binfmt_misc/status ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64 || update-binfmts --enable
+  local h
+  for h in qemu-aarch64 qemu-arm; do   # arm64 and armel root filesystems
+    [ -e "/proc/sys/fs/binfmt_misc/$h" ] && continue
+    # QEMU >= 8 (qemu-user-binfmt) ships systemd binfmt.d files; 7.2 registers through binfmt-support.
+    if [ -f "/usr/lib/binfmt.d/$h.conf" ] && [ -x /lib/systemd/systemd-binfmt ]; then
+      /lib/systemd/systemd-binfmt "/usr/lib/binfmt.d/$h.conf"
+    else
+      update-binfmts --enable "$h" || update-binfmts --enable
+    fi
+  done
   if ! "$venv/bin/ansible-playbook" --version >/dev/null 2>&1 || \
      ! cmp -s "$repo/ansible/requirements.txt" "$venv/.requirements.txt"; then
     /usr/bin/python3 -m venv "$venv"

@@ -12,7 +12,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
-from flask import request
+from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import NotFound
 from ..schema import (INT64_MAX, MAX_IDEMPOTENCY_KEY, MAX_TIMESTAMP, MIN_TIMESTAMP)
@@ -118,8 +119,16 @@ def require_media_type(allowed: Tuple[str, ...], what: str) -> None:
 
 
 def raw_body() -> bytes:
-    """The body bytes. get_data honours MAX_CONTENT_LENGTH (also for chunked bodies): 413 above it."""
-    return request.get_data(cache=True)
+    """The body bytes; 413 above MAX_CONTENT_LENGTH (also for chunked bodies)."""
+    # Werkzeug >= 2.3's get_data enforces MAX_CONTENT_LENGTH itself; Werkzeug 2.2 (Debian bookworm's, which
+    # the Pi Zero W image and Raspberry Pi OS run) does not, hence the explicit checks.
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and (request.content_length or 0) > limit:
+        raise RequestEntityTooLarge()
+    data = request.get_data(cache=True)
+    if limit is not None and len(data) > limit:
+        raise RequestEntityTooLarge()
+    return data
 
 
 def json_body(*, required: bool = True) -> Dict[str, Any]:
