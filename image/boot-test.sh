@@ -1,40 +1,59 @@
 #!/usr/bin/env bash
 # Boot the appliance image under QEMU and check it end to end:
 #
-#   image/boot-test.sh [IMAGE.img] [--requests N] [--provision] [--keep]
+#   image/boot-test.sh [IMAGE.img] [--requests N] [--mix full|cached] [--provision] [--keep]
 #
 # 1. copies the image (sparse) and grows the copy by 1 GiB (exercises the first-boot growroot unit),
 # 2. writes memento-edge.txt (hostname, SSH key, API token) into the FAT partition with mtools,
-# 3. boots `qemu-system-aarch64 -M virt -cpu cortex-a53 -m 512 -smp 4` with the image's own kernel and initrd
-#    (read from the ext4 partition with debugfs), user-mode networking restricted to two hostfwd ports on
-#    127.0.0.1 (the guest reaches nothing else),
+# 3. boots the image's own kernel and initrd, user-mode networking restricted to two hostfwd ports on
+#    127.0.0.1 (the guest reaches nothing else). The board comes from the image's name (image/boards.sh):
+#    zero2w: `qemu-system-aarch64 -M virt -cpu cortex-a53 -m 512 -smp 4`, kernel + initrd read from the
+#            ext4 partition with debugfs, virtio disk and network;
+#    zero-w: `qemu-system-arm -M raspi0` (BCM2835, ARM1176, 512 MB) with the kernel, initrd and Zero W
+#            device tree the Pi's firmware would load from the FAT partition, the card as an SD card
+#            (its size rounded up to a power of two, which QEMU's SD model requires), the console on the
+#            mini UART (ttyS1, QEMU's second serial port) and the network through a USB Ethernet device
+#            on the dwc2 host port (QEMU has no Wi-Fi chip); see image/README.md for what differs from a board,
+#
 # 4. waits (bounded) for GET /healthz 200, stores a memory and recalls it with the token, reads /metrics,
 # 5. over SSH (the key from step 2): the service's RSS idle, `systemd-analyze`, the secrets wiped from the
 #    boot file, then N mixed requests (default 1000) and the RSS again,
 # 6. with --provision: runs ansible/site.yml over the forwarded SSH port against the booted image (the
 #    "provision an existing Pi" path) and requires changed=0,
-# 7. writes bench/results/<date>-image-qemu.{json,md} (a reduced image: <date>-image-reduced-qemu.*).
-# Every QEMU run is bounded (MEMENTO_BOOT_TIMEOUT, default 2400 s total).
+# 7. writes bench/results/<date>-image-qemu.{json,md} (a reduced image: <date>-image-reduced-qemu.*; the
+#    zero-w image: <date>-image-zero-w-qemu.*).
+# --mix cached (zero-w's default): the same 30/60/10 mix, but the recall queries come from a pool of 20, so
+# after their first use they hit the embedding cache; under emulation an ARM1176 embeds a new short text in
+# seconds, which would make 1,000 requests take hours. Every remember still embeds a new text.
+# Every QEMU run is bounded (MEMENTO_BOOT_TIMEOUT, default 2400 s total; zero-w 7200 s).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 img=""
 requests=1000
+mix=""
 provision=0
 keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) requests="$2"; shift 2 ;;
+    --mix) mix="$2"; shift 2 ;;
     --provision) provision=1; shift ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) img="$1"; shift ;;
   esac
 done
 [ -n "$img" ] || img="$(ls -1t "$here"/out/memento-edge-*.img 2>/dev/null | head -1)"
 [ -f "$img" ] || { echo "no image: run image/build.sh first" >&2; exit 1; }
+case "$(basename "$img")" in *-armel.img|*-armel-reduced.img) board=zero-w ;; *) board=zero2w ;; esac
+# shellcheck source=image/boards.sh
+source "$here/boards.sh"
+board_config "$board"
+if [ "$board" = zero-w ]; then default_timeout=7200; else default_timeout=2400; fi
+[ -n "$mix" ] || { if [ "$board" = zero-w ]; then mix=cached; else mix=full; fi; }
 work="${MEMENTO_BOOT_WORK:-$here/out/boot-test}"
-total_timeout="${MEMENTO_BOOT_TIMEOUT:-2400}"
+total_timeout="${MEMENTO_BOOT_TIMEOUT:-$default_timeout}"
 http_port="${MEMENTO_BOOT_HTTP_PORT:-18077}"
 ssh_port="${MEMENTO_BOOT_SSH_PORT:-12222}"
 py="${MEMENTO_HOST_PYTHON:-$repo/.venv/bin/python}"
@@ -75,18 +94,26 @@ kver="$(debugfs -R 'ls -p /boot' "$work/root.ext4" 2>/dev/null | awk -F/ '{print
 debugfs -R "dump /boot/vmlinuz-$kver $work/vmlinuz" "$work/root.ext4" 2>/dev/null
 debugfs -R "dump /boot/initrd.img-$kver $work/initrd.img" "$work/root.ext4" 2>/dev/null
 rm -f "$work/root.ext4"
-log "kernel $kver; image $(basename "$img")"
+log "kernel $kver; image $(basename "$img"); board $board"
 
 # --- boot ------------------------------------------------------------------------------------------------------
+netdev="user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$http_port-:8077,hostfwd=tcp:127.0.0.1:$ssh_port-:22"
 t_boot=$(date +%s)
-timeout "$total_timeout" qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512 \
-  -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
-  -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0,115200 systemd.show_status=1" \
-  -drive "file=$work/disk.img,format=raw,if=none,id=d0,cache=unsafe" -device virtio-blk-pci,drive=d0 \
-  -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$http_port-:8077,hostfwd=tcp:127.0.0.1:$ssh_port-:22" \
-  -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
-  -display none -serial "file:$work/serial.log" -monitor none -no-reboot &
-qemu_pid=$!
+if [ "$board" = zero-w ]; then
+  # shellcheck source=image/boot-test-raspi0.sh
+  source "$here/boot-test-raspi0.sh"
+  raspi0_prepare        # -> $work/raspi0.dtb, the card padded to a power of two, $qemu_desc
+  raspi0_start          # -> $qemu_pid
+else
+  qemu_desc="qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512"
+  timeout "$total_timeout" qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512 \
+    -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
+    -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0,115200 systemd.show_status=1" \
+    -drive "file=$work/disk.img,format=raw,if=none,id=d0,cache=unsafe" -device virtio-blk-pci,drive=d0 \
+    -netdev "$netdev" -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
+    -display none -serial "file:$work/serial.log" -monitor none -no-reboot &
+  qemu_pid=$!
+fi
 deadline=$((t_start + total_timeout - 60))
 
 wait_for() {  # wait_for WHAT COMMAND...: poll until COMMAND succeeds or the deadline passes
@@ -109,15 +136,21 @@ sshg() {
 wait_for "ssh" sshg true
 
 # --- API checks + load + in-guest measurements (python on the host, bounded) --------------------------------
-export BT_URL="http://127.0.0.1:$http_port" BT_TOKEN="$token" BT_REQUESTS="$requests" BT_WORK="$work"
+export BT_URL="http://127.0.0.1:$http_port" BT_TOKEN="$token" BT_REQUESTS="$requests" BT_WORK="$work" BT_MIX="$mix"
 export BT_SSH="ssh -q -i $work/id_ed25519 -p $ssh_port -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 -o BatchMode=yes admin@127.0.0.1"
-timeout 3000 "$py" "$here/boot_test_client.py" > "$work/client.json"
+timeout "$total_timeout" "$py" "$here/boot_test_client.py" > "$work/client.json"
 cat "$work/client.json" >&2
 
 # --- clean shutdown, results --------------------------------------------------------------------------------
-export BT_IMAGE="$img" BT_HEALTH_S="$t_health" BT_PROVISION=null BT_KERNEL="$kver"
-# Results are named after the profile so a CI run of the reduced image never overwrites the full one's.
-case "$(basename "$img")" in *-reduced.img) stem="image-reduced-qemu" ;; *) stem="image-qemu" ;; esac
+export BT_IMAGE="$img" BT_HEALTH_S="$t_health" BT_PROVISION=null BT_KERNEL="$kver" BT_QEMU="$qemu_desc"
+export BT_BOARD_NAME="$BOARD_NAME" BT_QEMU_BIN="${qemu_desc%% *}" BT_DTB_PATCH="${dtb_patch:-}"
+# Results are named after the board and profile so CI's runs never overwrite each other's.
+case "$(basename "$img")" in
+  *-armel-reduced.img) stem="image-zero-w-reduced-qemu" ;;
+  *-armel.img) stem="image-zero-w-qemu" ;;
+  *-reduced.img) stem="image-reduced-qemu" ;;
+  *) stem="image-qemu" ;;
+esac
 export BT_STEM="$stem"
 "$py" - <<'EOF'
 import datetime, json, os, platform, subprocess
@@ -126,15 +159,17 @@ work = Path(os.environ["BT_WORK"])
 client = json.loads((work / "client.json").read_text())
 img = Path(os.environ["BT_IMAGE"])
 xz = img.with_name(img.name + ".xz")
-build_times = img.parent / "build-times.json"
+build_times = img.parent / f"{img.stem}.build-times.json"
 build = json.loads(build_times.read_text()) if build_times.exists() else None
 if build is not None and build.get("image") != img.name:
     build = None   # the last build in that directory made another image
 doc = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "image": img.name, "raw_bytes": img.stat().st_size, "xz_bytes": xz.stat().st_size if xz.exists() else None,
-    "qemu": "qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512 (TCG on " + platform.machine() + ")",
-    "qemu_version": subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+    "board": os.environ["BT_BOARD_NAME"],
+    "qemu": os.environ["BT_QEMU"] + " (TCG on " + platform.machine() + ")",
+    "qemu_version": subprocess.run([os.environ["BT_QEMU_BIN"], "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+    "dtb_patch": os.environ["BT_DTB_PATCH"] or None,
     "kernel": os.environ["BT_KERNEL"],
     "healthz_after_s": int(os.environ["BT_HEALTH_S"]),
     "provision_over_ssh": json.loads(os.environ["BT_PROVISION"]),
@@ -148,8 +183,8 @@ out.mkdir(parents=True, exist_ok=True)
 mb = lambda kb: f"{kb / 1024:.1f} MB" if kb else "n/a"
 lines = [
     f"# Appliance image under QEMU ({day})", "",
-    "Emulated, not a real Pi Zero 2 W: TCG on a shared 2-core x86 host is much slower than the board's "
-    "Cortex-A53 cores, so times are upper bounds; memory figures carry over.", "",
+    f"Emulated, not a real {doc['board']}: `{doc['qemu']}` on a shared 2-core x86 host is much slower than "
+    "the board's cores, so times are upper bounds; memory figures carry over.", "",
     "| what | value |", "| --- | --- |",
     f"| image | `{doc['image']}` |",
     f"| raw size | {doc['raw_bytes'] / 2**20:.0f} MiB |",
@@ -163,7 +198,10 @@ lines = [
     f"| guest MemAvailable after load | {mb(client.get('mem_available_kb'))} |",
     f"| requests: errors | {client['errors']} |",
     f"| request latency p50 / p95 (emulated) | {client['latency_ms_p50']} / {client['latency_ms_p95']} ms |",
+    f"| request mix | {client['mix']} |",
 ]
+if doc["dtb_patch"]:
+    lines += ["", f"Device tree patched for QEMU at test time: {doc['dtb_patch']}"]
 if doc["build"]:
     lines += ["", "Build stages (s): " + ", ".join(f"{k} {v}" for k, v in doc["build"]["stages_s"].items())]
 if doc["provision_over_ssh"]:

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Build the flashable Raspberry Pi Zero 2 W image:
-#     image/out/memento-edge-<version>-pizero2w-arm64.img.xz  (+ .sha256)
+# Build the flashable image for one board (image/boards.sh):
+#     image/out/memento-edge-<version>-pizero2w-arm64.img.xz  (+ .sha256)   --board zero2w (default)
+#     image/out/memento-edge-<version>-pizerow-armel.img.xz   (+ .sha256)   --board zero-w (Pi Zero / Zero W)
 #
-#   image/build.sh [--profile full|reduced] [--no-xz] [--reuse-rootfs]
+#   image/build.sh [--board zero2w|zero-w] [--profile full|reduced] [--no-xz] [--reuse-rootfs]
 #
-# Recipe: Debian bookworm arm64 with its one initramfs (image/rootfs.sh: mmdebstrap under qemu-user, a
+# Both boards: the same recipe, role, first-boot files and service; they differ in the Debian architecture
+# and kernel (arm64 + linux-image-arm64; armel + linux-image-rpi, Debian raspi image-specs "family 1"), in
+# where the role takes the Python dependencies from (PyPI wheels; Debian's packages on armv6l, see the role's
+# memento_edge_python_source) and in a few boot files (image/boards/<board>/ over image/files/).
+#
+# Recipe: Debian bookworm with its one initramfs (image/rootfs.sh: mmdebstrap under qemu-user, a
 # cached tarball) -> the Ansible role through the community.general.chroot connection -> appliance files
 # (first boot, SSH, network) -> no device identity -> FAT + ext4 filesystems made from directories
 # (mkfs.vfat -C + mcopy, mkfs.ext4 -d) -> MBR with sfdisk -> partitions copied in with
@@ -12,8 +18,8 @@
 #
 # --profile reduced: the same recipe and files minus the Pi-only packages (raspi-firmware,
 # firmware-brcm80211, wireless-regdb; see image/rootfs.sh) and without xz. It boots under QEMU but not on
-# a Pi, so it is named image/out/memento-edge-<version>-arm64-reduced.img (quick iterations; CI's fallback).
-# Stage times go to image/out/build-times.json.
+# a Pi, so it is named image/out/memento-edge-<version>-<arch>-reduced.img (quick iterations; CI's fallback).
+# Stage times go to image/out/<image name>.build-times.json.
 #
 # Needs root, qemu-user-static (binfmt), mmdebstrap, dosfstools, mtools, fdisk, e2fsprogs, xz; the wheel
 # (dist/) and the model dir (models/minilm-int8) are built first if missing. Honours SOURCE_DATE_EPOCH
@@ -26,6 +32,7 @@ out="${MEMENTO_IMAGE_OUT:-$here/out}"
 cache="${MEMENTO_IMAGE_CACHE:-$here/cache}"
 ansible_venv="${MEMENTO_ANSIBLE_VENV:-$repo/.cache/ansible-venv}"
 profile=full
+board="${MEMENTO_IMAGE_BOARD:-zero2w}"
 do_xz=1
 keep_rootfs=1
 # --reuse-rootfs: start from image/out/work/rootfs left by the previous build (the role re-converges it,
@@ -34,9 +41,10 @@ reuse_rootfs=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
+    --board) board="$2"; shift 2 ;;
     --no-xz) do_xz=0; shift ;;
     --reuse-rootfs) reuse_rootfs=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -45,6 +53,9 @@ case "$profile" in
   reduced) do_xz=0 ;;
   *) echo "unknown profile: $profile (full|reduced)" >&2; exit 2 ;;
 esac
+# shellcheck source=image/boards.sh
+source "$here/boards.sh"
+board_config "$board" || exit 2
 [ "$(id -u)" = 0 ] || { echo "build.sh must run as root (chroot, mknod in mmdebstrap)" >&2; exit 1; }
 
 log() { printf '[image %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -62,7 +73,7 @@ stage() {  # stage NAME COMMAND...: run and time one stage
 
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)}"
 version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)"
-if [ "$profile" = full ]; then name="memento-edge-$version-pizero2w-arm64"; else name="memento-edge-$version-arm64-reduced"; fi
+if [ "$profile" = full ]; then name="memento-edge-$version-$BOARD_SLUG-$BOARD_ARCH"; else name="memento-edge-$version-$BOARD_ARCH-reduced"; fi
 work="$out/work"
 rootfs="$work/rootfs"
 mkdir -p "$out" "$cache" "$work"
@@ -100,7 +111,7 @@ rootfs_stage() {
   fi
   rm -rf "$rootfs"
   mkdir -p "$rootfs"
-  "$here/rootfs.sh" "$profile" "$work/rootfs.tar"
+  "$here/rootfs.sh" "$profile" "$work/rootfs.tar" "$board"
   tar -C "$rootfs" --numeric-owner -xpf "$work/rootfs.tar"
   rm -f "$work/rootfs.tar"
 }
@@ -119,7 +130,9 @@ memento_edge:
       ansible_connection: community.general.chroot
       ansible_python_interpreter: /usr/bin/python3
 EOF
-  ANSIBLE_CONFIG="$repo/ansible/ansible.cfg" timeout 3600 "$ansible_venv/bin/ansible-playbook" \
+  # QEMU_CPU: every guest binary runs as the board's CPU (zero-w: uname -m says armv6l, as on the board,
+  # and the role takes its Python dependencies from Debian).
+  QEMU_CPU="$BOARD_QEMU_CPU" ANSIBLE_CONFIG="$repo/ansible/ansible.cfg" timeout 3600 "$ansible_venv/bin/ansible-playbook" \
     -i "$work/inventory.yml" "$repo/ansible/site.yml" \
     -e "memento_edge_wheel_src=$wheel" -e "memento_edge_model_src=$model" \
     -e memento_edge_generate_token=false \
@@ -179,9 +192,9 @@ finalize() {
     'import json,importlib.metadata as m; print(json.dumps({d.metadata["Name"]: d.version for d in m.distributions()}, sort_keys=True))')"
   in_root dpkg-query -W -f='${Package}\t${Version}\t${Architecture}\n' > "$work/dpkg.tsv"
   /usr/bin/python3 - "$rootfs/etc/memento-edge/image-manifest.json" "$work/dpkg.tsv" "$model/manifest.json" \
-    "$commit" "$version" "$profile" "$py_versions" <<'EOF'
+    "$commit" "$version" "$profile" "$py_versions" "$BOARD_NAME" "$BOARD_ARCH" <<'EOF'
 import hashlib, json, sys
-path, dpkg, model_manifest, commit, version, profile, py = sys.argv[1:]
+path, dpkg, model_manifest, commit, version, profile, py, board, arch = sys.argv[1:]
 pkgs = {}
 for line in open(dpkg):
     name, ver, arch = line.rstrip("\n").split("\t")
@@ -189,8 +202,8 @@ for line in open(dpkg):
 raw = open(model_manifest, "rb").read()
 import os
 doc = {
-    "name": "memento-edge", "version": version, "profile": profile, "board": "Raspberry Pi Zero 2 W",
-    "base": "Debian bookworm arm64", "git_commit": commit,
+    "name": "memento-edge", "version": version, "profile": profile, "board": board,
+    "base": f"Debian bookworm {arch}", "git_commit": commit,
     "source_date_epoch": int(os.environ["SOURCE_DATE_EPOCH"]),
     "model_manifest_sha256": hashlib.sha256(raw).hexdigest(),
     "model_fingerprint": json.loads(raw)["fingerprint"],
@@ -287,12 +300,12 @@ rootfs_mib=$(( $(du -sk --apparent-size "$rootfs" | cut -f1) / 1024 ))
 raw_bytes=$(stat -c %s "$out/$name.img")
 xz_bytes=$( [ -f "$out/$name.img.xz" ] && stat -c %s "$out/$name.img.xz" || echo null)
 {
-  printf '{"image": "%s", "profile": "%s", "total_s": %d, "rootfs_mib": %d, "raw_bytes": %d, "xz_bytes": %s, "stages_s": {' \
-    "$name.img" "$profile" "$total" "$rootfs_mib" "$raw_bytes" "$xz_bytes"
+  printf '{"image": "%s", "board": "%s", "profile": "%s", "total_s": %d, "rootfs_mib": %d, "raw_bytes": %d, "xz_bytes": %s, "stages_s": {' \
+    "$name.img" "$board" "$profile" "$total" "$rootfs_mib" "$raw_bytes" "$xz_bytes"
   sep=""
   for s in "${stage_order[@]}"; do printf '%s"%s": %d' "$sep" "$s" "${stage_s[$s]}"; sep=", "; done
   printf '}}\n'
-} > "$out/build-times.json"
-cat "$out/build-times.json"
+} > "$out/$name.build-times.json"
+cat "$out/$name.build-times.json"
 [ "$keep_rootfs" = 1 ] || rm -rf "$rootfs"
 log "image: $out/$name.img (${raw_bytes} bytes) in ${total} s"

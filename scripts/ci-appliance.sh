@@ -4,10 +4,14 @@
 #   setup     host tools (apt: mmdebstrap, qemu-user-static from bookworm-backports, qemu-system-arm, mtools,
 #             dosfstools, fdisk) + the Ansible venv (.cache/ansible-venv, pinned in ansible/requirements.txt)
 #   fast      pytest tests/test_ansible.py: syntax-check, ansible-lint (production profile), first-boot parser
-#   converge  MEMENTO_APPLIANCE=1 pytest tests/test_ansible.py: role into an arm64 rootfs twice (changed=0) + checks
-#   image     image/build.sh --profile ${MEMENTO_IMAGE_PROFILE:-full}
-#   boot      image/boot-test.sh --provision (QEMU, /healthz, remember/recall, RSS, systemd-analyze, N mixed
-#             requests, then ansible/site.yml over SSH against the booted image: changed=0)
+# then for each board in $MEMENTO_CI_BOARDS (image/boards.sh; default "zero2w": the zero-w stages are opt-in,
+# MEMENTO_CI_BOARDS="zero2w zero-w", until they have passed on a CI machine and been timed against the 60 min):
+#   converge-B  MEMENTO_APPLIANCE=1 MEMENTO_IMAGE_BOARD=B pytest tests/test_ansible.py: the role into the board's
+#             rootfs twice (changed=0) + checks (zero-w: armel, uname armv6l, Debian's Python packages)
+#   image-B   image/build.sh --board B --profile ${MEMENTO_IMAGE_PROFILE:-full}
+#   boot-B    image/boot-test.sh (QEMU, /healthz, remember/recall, RSS, systemd-analyze, N mixed requests;
+#             zero2w adds --provision: ansible/site.yml over SSH against the booted image, changed=0;
+#             zero-w: qemu-system-arm -M raspi0, MEMENTO_CI_ZERO_W_REQUESTS requests, see below)
 #
 #   scripts/ci-appliance.sh [--setup|--fast|--no-image|--all]      default: --all
 #
@@ -23,6 +27,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 mode="${1:---all}"
 export MEMENTO_IMAGE_PROFILE="${MEMENTO_IMAGE_PROFILE:-full}"   # read by tests/test_ansible.py too
+boards="${MEMENTO_CI_BOARDS:-zero2w}"
 venv="$repo/.cache/ansible-venv"
 py="$repo/.venv/bin/python"
 times="$repo/.cache/ci-appliance-times.json"
@@ -52,6 +57,7 @@ setup() {
   command -v update-binfmts >/dev/null || need+=(binfmt-support)
   command -v ssh >/dev/null || need+=(openssh-client)
   command -v arch-test >/dev/null || need+=(arch-test)
+  command -v fdtput >/dev/null || need+=(device-tree-compiler)   # the raspi0 boot test patches the Zero W tree
   local qv
   # (|| true: on a fresh machine qemu-aarch64-static is absent, and pipefail would end the script here)
   qv="$(qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' || true)"
@@ -67,7 +73,7 @@ setup() {
   fi
   [ -e /proc/sys/fs/binfmt_misc/status ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
   local h
-  for h in qemu-aarch64 qemu-arm; do   # arm64 and armel root filesystems
+  for h in qemu-aarch64 qemu-arm; do   # zero2w (arm64) and zero-w (armel) root filesystems
     [ -e "/proc/sys/fs/binfmt_misc/$h" ] && continue
     # QEMU >= 8 (qemu-user-binfmt) ships systemd binfmt.d files; 7.2 registers through binfmt-support.
     if [ -f "/usr/lib/binfmt.d/$h.conf" ] && [ -x /lib/systemd/systemd-binfmt ]; then
@@ -86,15 +92,29 @@ setup() {
 }
 
 fast() { timeout 1200 "$py" -m pytest -q tests/test_ansible.py; }
-converge() { MEMENTO_APPLIANCE=1 timeout 3600 "$py" -m pytest -q tests/test_ansible.py -k 'converge or service or files or model or config or unit or installed'; }
-image() {
-  timeout 5400 "$repo/image/build.sh" --profile "$MEMENTO_IMAGE_PROFILE"
+converge() {  # converge BOARD
+  MEMENTO_IMAGE_BOARD="$1" MEMENTO_APPLIANCE=1 timeout 3600 "$py" -m pytest -q tests/test_ansible.py \
+    -k 'converge or service or files or model or config or unit or installed or python or armv6'
 }
-boot() {
+image() {  # image BOARD
+  timeout 5400 "$repo/image/build.sh" --board "$1" --profile "$MEMENTO_IMAGE_PROFILE"
+}
+boot() {  # boot BOARD
   local img
-  img="$(ls -1t "$repo"/image/out/memento-edge-*.img | head -1)"
-  # --provision: the "provision a live Pi" path, the only run of the role's tasks that need a running system.
-  timeout 3000 "$repo/image/boot-test.sh" "$img" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}" --provision
+  # shellcheck source=image/boards.sh
+  source "$repo/image/boards.sh"
+  board_config "$1"
+  if [ "$MEMENTO_IMAGE_PROFILE" = full ]; then
+    img="$(ls -1t "$repo"/image/out/memento-edge-*-"$BOARD_SLUG-$BOARD_ARCH".img | head -1)"
+  else
+    img="$(ls -1t "$repo"/image/out/memento-edge-*-"$BOARD_ARCH"-reduced.img | head -1)"
+  fi
+  if [ "$1" = zero-w ]; then
+    timeout 5400 "$repo/image/boot-test.sh" "$img" --requests "${MEMENTO_CI_ZERO_W_REQUESTS:-100}"
+  else
+    # --provision: the "provision a live Pi" path, the only run of the role's tasks that need a running system.
+    timeout 3000 "$repo/image/boot-test.sh" "$img" --requests "${MEMENTO_CI_BOOT_REQUESTS:-1000}" --provision
+  fi
 }
 
 write_times() {
@@ -112,12 +132,17 @@ stage setup setup
 case "$mode" in
   --setup) ;;
   --fast) stage fast fast ;;
-  --no-image) stage fast fast; stage converge converge ;;
+  --no-image)
+    stage fast fast
+    for b in $boards; do stage "converge-$b" converge "$b"; done
+    ;;
   --all)
     stage fast fast
-    stage converge converge
-    stage image image
-    stage boot boot
+    for b in $boards; do
+      stage "converge-$b" converge "$b"
+      stage "image-$b" image "$b"
+      stage "boot-$b" boot "$b"
+    done
     ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

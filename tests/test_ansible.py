@@ -4,9 +4,13 @@ Fast checks (always run when the Ansible venv exists): ``ansible-playbook --synt
 (production profile, no skip list) and the first-boot file parser.
 
 Slow checks (``MEMENTO_APPLIANCE=1``, run by ``scripts/ci-appliance.sh``): converge the role into an
-emulated Debian bookworm arm64 root filesystem (mmdebstrap + qemu-user, ``community.general.chroot``
-connection), converge again and require ``changed=0``, then inspect the files, the user, the unit and the
-permissions it left. Needs root, binfmt_misc with qemu-aarch64, and the network to PyPI and Debian.
+emulated Debian bookworm root filesystem of the board ``MEMENTO_IMAGE_BOARD`` names (``zero2w``: arm64,
+Python dependencies from PyPI; ``zero-w``: armel with the CPU model ARM1176, so ``uname -m`` says armv6l as
+on a Pi Zero W and the role takes Debian's packages), through mmdebstrap + qemu-user and the
+``community.general.chroot`` connection; converge again and require ``changed=0``, then inspect the files,
+the user, the unit, the permissions and the Python environment it left. The armel root filesystem stands
+in for Raspberry Pi OS Lite (32-bit), which is not available here. Needs root, binfmt_misc with
+qemu-aarch64 / qemu-arm, and the network to PyPI and Debian.
 
 The Ansible tools live in their own venv (``.cache/ansible-venv``; ``scripts/ci-appliance.sh --setup``
 makes it) so they never mix with the project's runtime dependencies.
@@ -35,11 +39,31 @@ ANSIBLE_BIN = ANSIBLE_VENV / "bin"
 FIRSTBOOT = REPO / "image" / "files" / "firstboot" / "memento-edge-firstboot.py"
 MODEL_DIR = Path(os.environ.get("MEMENTO_MODEL_SRC", REPO / "models" / "minilm-int8"))
 SLOW = os.environ.get("MEMENTO_APPLIANCE") == "1"
+BOARD = os.environ.get("MEMENTO_IMAGE_BOARD", "zero2w")
 
 needs_ansible = pytest.mark.skipif(
     not (ANSIBLE_BIN / "ansible-playbook").exists(),
     reason=f"no Ansible venv at {ANSIBLE_VENV}: run scripts/ci-appliance.sh --setup",
 )
+
+
+def _board_facts(board: str) -> Dict[str, str]:
+    """image/boards.sh's facts for ``board`` (BOARD_ARCH, BOARD_QEMU_CPU, ...): the one table, read via bash."""
+    res = subprocess.run(["bash", "-c", 'source image/boards.sh && board_config "$1" && env', "_", board],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return dict(ln.split("=", 1) for ln in res.stdout.splitlines() if ln.startswith("BOARD_"))
+
+
+def test_board_table_names_both_boards() -> None:
+    """zero2w is the arm64 board, zero-w the armv6 one; an unknown board is refused."""
+    assert _board_facts("zero2w")["BOARD_ARCH"] == "arm64"
+    zero_w = _board_facts("zero-w")
+    assert (zero_w["BOARD_ARCH"], zero_w["BOARD_UNAME"], zero_w["BOARD_KERNEL"]) == ("armel", "armv6l",
+                                                                                      "linux-image-rpi")
+    res = subprocess.run(["bash", "-c", "source image/boards.sh && board_config zero-x"], cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "unknown board: zero-x" in res.stderr
 
 
 def _ansible_env() -> Dict[str, str]:
@@ -137,7 +161,11 @@ def _run_playbook(rootfs: Path, wheel: Path, log: Path) -> str:
            "-e", f"memento_edge_wheel_src={wheel}", "-e", f"memento_edge_model_src={MODEL_DIR}",
            "-e", "memento_edge_pip_cert=/etc/ssl/certs/host-ca-bundle.crt",
            "-e", "memento_edge_generated_token_file=/etc/memento-edge/initial-token"]
-    res = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=_ansible_env(), capture_output=True, text=True, timeout=3600)
+    env = _ansible_env()
+    # Read by the qemu-user that binfmt_misc starts for every guest binary: the board's CPU (on zero-w the
+    # role's `uname -m` then says armv6l, as on a Pi Zero W).
+    env["QEMU_CPU"] = _board_facts(BOARD)["BOARD_QEMU_CPU"]
+    res = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=3600)
     log.write_text(res.stdout + res.stderr)
     assert res.returncode == 0, f"converge failed (log {log}):\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
     return res.stdout
@@ -231,10 +259,10 @@ def test_tokenizer_works_without_huggingface_hub() -> None:
 
 @pytest.fixture(scope="module")
 def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
-    """Two converges of the role into a fresh arm64 rootfs; yields paths and both outputs.
+    """Two converges of the role into a fresh rootfs of BOARD; yields paths and both outputs.
 
-    The rootfs is image/rootfs.sh's tarball for MEMENTO_IMAGE_PROFILE (default full), the same one the
-    image build starts from, so CI installs Debian under emulation once for both.
+    The rootfs is image/rootfs.sh's tarball for MEMENTO_IMAGE_PROFILE (default full) and BOARD, the same one
+    the image build starts from, so CI installs Debian under emulation once for both.
     """
     if not SLOW:
         pytest.skip("set MEMENTO_APPLIANCE=1")
@@ -251,7 +279,7 @@ def converged(tmp_path_factory) -> Iterator[Dict[str, object]]:  # noqa: ANN001
     wheel = sorted(dist.glob("memento_edge-*.whl"))[-1]
     tarball = work / "rootfs.tar"
     profile = os.environ.get("MEMENTO_IMAGE_PROFILE", "full")
-    subprocess.run([str(REPO / "image/rootfs.sh"), profile, str(tarball)], check=True, timeout=3600)
+    subprocess.run([str(REPO / "image/rootfs.sh"), profile, str(tarball), BOARD], check=True, timeout=3600)
     rootfs = work / "rootfs"
     if rootfs.exists():
         shutil.rmtree(rootfs)
@@ -391,7 +419,49 @@ def test_unit_is_hardened_and_enabled(converged) -> None:  # noqa: ANN001
     assert (root / "etc/systemd/system/timers.target.wants/memento-edge-backup.timer").is_symlink()
 
 
+def _in_guest(root: Path, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``argv`` in the converged rootfs under qemu-user with the board's CPU model."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "QEMU_CPU": _board_facts(BOARD)["BOARD_QEMU_CPU"]}
+    return subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 @pytest.mark.slow
+def test_python_dependencies_come_from_the_boards_source(converged) -> None:  # noqa: ANN001
+    """armv6l (zero-w): Debian's numpy/Flask/... in a --system-site-packages venv; else a plain venv (PyPI)."""
+    root: Path = converged["rootfs"]
+    machine = _in_guest(root, "uname", "-m").stdout.strip()
+    assert machine == _board_facts(BOARD)["BOARD_UNAME"]
+    cfg = (root / "opt/memento-edge/venv/pyvenv.cfg").read_text()
+    debian = machine == "armv6l"
+    assert f"include-system-site-packages = {'true' if debian else 'false'}" in cfg, cfg
+    code = ("import json, numpy, flask, waitress, yaml, click; "
+            "print(json.dumps({m.__name__: m.__file__ for m in (numpy, flask, waitress, yaml, click)}))")
+    res = _in_guest(root, "/opt/memento-edge/venv/bin/python", "-c", code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    where = json.loads(res.stdout)
+    wanted = "/usr/lib/python3/dist-packages/" if debian else "/opt/memento-edge/venv/lib/"
+    assert all(path.startswith(wanted) for path in where.values()), where
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BOARD != "zero-w", reason="the armv6 board's backend (MEMENTO_IMAGE_BOARD=zero-w)")
+def test_armv6_runs_the_numpy_backend(converged) -> None:  # noqa: ANN001
+    """On armv6l the service's settings load the numpy int8 embedder and embed with the device's model."""
+    root: Path = converged["rootfs"]
+    code = ("import importlib.util as u, numpy as np; from memento_edge.config import Settings; "
+            "from memento_edge.embedder import make_embedder; "
+            "assert all(u.find_spec(m) is None for m in ('onnxruntime', 'tokenizers', 'sqlite_vec')); "
+            "e = make_embedder(Settings.load(config_file='/etc/memento-edge/config.yaml', env={})); "
+            "v = np.asarray(e.embed('the spare key is under the blue flower pot')); "
+            "print(e.backend, v.shape[0], round(float(np.linalg.norm(v)), 3))")
+    res = _in_guest(root, "/opt/memento-edge/venv/bin/python", "-c", code, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["numpy-int8", "384", "1.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BOARD == "zero-w", reason="the PyPI-wheel boards (armv6 has no such wheels)")
 def test_installed_package_runs_under_emulation(converged) -> None:  # noqa: ANN001
     """The venv on the arm64 rootfs imports the package and its runtime deps (qemu-user)."""
     root: Path = converged["rootfs"]

@@ -12,7 +12,8 @@ from typing import List
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["image/build.sh", "image/rootfs.sh", "image/boot-test.sh", "scripts/ci-appliance.sh", ".ci/run",
+SCRIPTS = ["image/build.sh", "image/rootfs.sh", "image/boot-test.sh", "image/boot-test-raspi0.sh", "image/boards.sh",
+           "scripts/ci-appliance.sh", ".ci/run",
            "scripts/setup", "scripts/test", "scripts/build-model"]
 
 
@@ -33,4 +34,15 @@ def test_unknown_image_profile_is_refused_before_any_work(argv: List[str], tmp_p
                                "MEMENTO_IMAGE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2, proc.stderr
     assert "unknown profile: tiny" in proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["image/build.sh", "--board", "zero-x"],
+                                  ["image/rootfs.sh", "full", "/nonexistent/x.tar", "zero-x"]])
+def test_unknown_board_is_refused_before_any_work(argv: List[str], tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", *argv], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", "MEMENTO_IMAGE_OUT": str(tmp_path / "out"),
+                               "MEMENTO_IMAGE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown board: zero-x" in proc.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
