@@ -80,6 +80,10 @@ SETTINGS: List[Setting] = [
             "batching (the int8 default embeds each text alone: batch-dependent activation scales would "
             "otherwise change a text's vector)."),
     Setting("max_tokens", int, 256, "Token truncation length of the embedding model."),
+    Setting("work_token_budget", int, 65536,
+            "Embedding work (estimated tokens: characters / 4, at most max_tokens per text) one request may "
+            "ask for and all writes may have in flight; larger requests are refused (split them), writes "
+            "that do not fit beside running ones are shed with 503."),
     Setting("warmup", _bool, False, "Load the model in the background at start instead of on first use."),
     Setting("idle_unload_minutes", float, 0.0, "Unload the model after this many idle minutes (0 = never)."),
     Setting("rss_limit_mb", int, 0, "Memory governor ceiling for the service's RSS in MB (0 = off)."),
@@ -107,7 +111,8 @@ LIMITS: Dict[str, Tuple[float, float]] = {
     "header_timeout": (0.5, 3600), "connections_per_client": (1, 100_000),
     "request_timeout": (0.1, 3600), "max_body_bytes": (1, 2**31 - 1), "rate_limit_per_minute": (0, 10**9),
     "ort_threads": (1, 256), "cache_entries": (0, 10**8), "cache_mb": (0, 65_536),
-    "batch_token_budget": (1, 10**8), "max_tokens": (1, 100_000), "idle_unload_minutes": (0, 10**7),
+    "batch_token_budget": (1, 10**8), "max_tokens": (1, 100_000), "work_token_budget": (256, 10**9),
+    "idle_unload_minutes": (0, 10**7),
     "rss_limit_mb": (0, 10**7), "dedupe_threshold": (0, 1),
 }
 
@@ -135,6 +140,7 @@ class Settings:
     cache_mb: float = 4.0
     batch_token_budget: int = 2048
     max_tokens: int = 256
+    work_token_budget: int = 65536
     warmup: bool = False
     idle_unload_minutes: float = 0.0
     rss_limit_mb: int = 0

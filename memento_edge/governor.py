@@ -150,6 +150,17 @@ class Governor:
             raise Busy("the server is low on memory and is not taking work that needs the embedding "
                        "model right now; keyword recall still works", retry_after=self.retry_after)
 
+    def pace(self, done: int, total: Optional[int]) -> None:
+        """Between the mini-batches of a long write: re-check memory (relief runs if needed) and stop the
+        rest of the work with :class:`Busy` when it is critically high. What was stored stays stored; a
+        retry recognises it (exact duplicates return their ids)."""
+        if self.check() == HARD:
+            with self._lock:
+                self.shed_count += 1
+            of = f" of {total}" if total is not None else ""
+            raise Busy(f"the server ran low on memory during this write and stopped after {done}{of} "
+                       "memories; retry the rest shortly", retry_after=self.retry_after)
+
     @contextmanager
     def embedding(self) -> Iterator[None]:
         """Admit (or shed) a request that will embed and mark it in flight while it runs."""

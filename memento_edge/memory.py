@@ -20,6 +20,7 @@ from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, S
 import numpy as np
 
 from . import store as _store
+from .budget import WorkBudget, estimate_tokens
 from .clock import ClockReading, ClockSource, SystemClock
 from .config import Settings
 from .errors import (
@@ -43,6 +44,8 @@ HYBRID_ALPHA = 0.5
 # Candidates per side are a multiple of topk so a memory ranked modestly by both can still surface.
 HYBRID_POOL = 50
 WRITE_BATCH = 64
+# How long a write waits for room in the embedding work budget before it is shed (Busy -> 503).
+WORK_WAIT_S = 1.0
 
 Progress = Callable[[int, Optional[int]], None]
 _log = logging.getLogger(__name__)
@@ -217,6 +220,8 @@ class Memory:
         self._clock_lock = threading.Lock()
         self._clock_checked_at: Optional[float] = None  # monotonic time of the last untrusted-rows check
         self.clock_corrections = 0  # rows re-dated by this process (a /metrics counter)
+        # Embedding work in flight, in estimated tokens, shared by every face (budget.py).
+        self.work = WorkBudget(self.settings.work_token_budget)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -292,11 +297,16 @@ class Memory:
         clean = [_validate_item(it, prefix=f"items[{i}]." if not isinstance(items, list) or len(items) > 1 else "")
                  for i, it in enumerate(items)]
         results: List[RememberResult] = []
-        for start in range(0, len(clean), WRITE_BATCH):
-            results.extend(self._remember_batch(clean[start:start + WRITE_BATCH]))
-            if progress is not None:
-                progress(len(results), len(clean))
+        # ``progress`` runs between mini-batches: the web layer's memory governor can stop a long batch there.
+        with self.work.take(self._tokens(clean), wait=WORK_WAIT_S):
+            for start in range(0, len(clean), WRITE_BATCH):
+                results.extend(self._remember_batch(clean[start:start + WRITE_BATCH]))
+                if progress is not None:
+                    progress(len(results), len(clean))
         return results
+
+    def _tokens(self, items: Sequence[Mapping[str, Any]]) -> int:
+        return estimate_tokens((it["text"] for it in items), self.settings.max_tokens)
 
     def _remember_batch(self, batch: List[Dict[str, Any]]) -> List[RememberResult]:
         # Exact duplicates need no embedding: find them first (re-checked under the write lock below).
@@ -542,7 +552,10 @@ class Memory:
         def flush() -> None:
             if not batch:
                 return
-            for r in self._remember_batch(batch):
+            # An import streams: each mini-batch waits its turn for the work budget rather than failing.
+            with self.work.take(self._tokens(batch), wait=self.settings.request_timeout, field="line"):
+                done = self._remember_batch(batch)
+            for r in done:
                 if r.created:
                     result.imported += 1
                 else:

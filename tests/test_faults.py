@@ -558,3 +558,48 @@ def test_queue_depth_warning_is_rate_limited() -> None:
     records = [logging.LogRecord("waitress.queue", logging.WARNING, __file__, 1, "Task queue depth is %d", (n,),
                                  None) for n in range(500)]
     assert sum(flt.filter(r) for r in records) == 1
+
+
+# --- 4. unbounded work per request ----------------------------------------------------------------------
+def test_a_batch_over_the_token_budget_is_refused_before_any_embedding(tmp_path: Path) -> None:
+    env = make_env(tmp_path, work_token_budget=1000)
+    try:
+        items = [{"text": f"{n} " + "long words " * 200} for n in range(10)]  # ~10 x 256 tokens
+        r = env.client.post("/v1/memories", json={"items": items})
+        assert r.status_code == 422 and r.get_json()["error"]["field"] == "items"
+        assert "split" in r.get_json()["error"]["message"]
+        assert env.memory.count() == 0
+        assert env.client.post("/v1/memories", json={"items": items[:3]}).status_code == 201
+    finally:
+        env.close()
+
+
+def test_writes_that_do_not_fit_beside_running_work_are_shed_and_recall_still_answers(tmp_path: Path) -> None:
+    env = make_env(tmp_path, work_token_budget=1000)
+    try:
+        env.memory.remember("recall keeps working while writes are shed")
+        with env.memory.work.take(900, wait=0):  # a long batch is embedding
+            r = env.client.post("/v1/memories", json={"items": [{"text": "x " * 400}]})
+            assert r.status_code == 503 and "Retry-After" in r.headers
+            big = json.dumps({"items": [{"text": f"{n} " + "y" * 1000} for n in range(100)]})  # > 64 KB
+            r = env.client.post("/v1/memories", data=big, content_type="application/json")
+            assert r.status_code == 503  # shed before its body was parsed
+            assert env.client.post("/v1/memories", json={"text": "a short one fits"}).status_code == 201
+            hits = env.client.post("/v1/recall", json={"query": "recall keeps working"}).get_json()["hits"]
+            assert hits
+        assert env.client.post("/v1/memories", json={"items": [{"text": "x " * 400}]}).status_code == 201
+    finally:
+        env.close()
+
+
+def test_the_governor_stops_a_long_batch_when_memory_runs_out(tmp_path: Path) -> None:
+    env = make_env(tmp_path, rss_limit_mb=100)
+    try:
+        governor = env.app.extensions["memento"].governor
+        governor.interval = 0  # fine at admission; critical once the first mini-batch is stored
+        governor._read_rss = lambda: (99 << 20) if env.memory.store.count() else (50 << 20)
+        r = env.client.post("/v1/memories", json={"items": [{"text": f"memory {n}"} for n in range(200)]})
+        assert r.status_code == 503 and "stopped after 64 of 200" in r.get_json()["error"]["message"]
+        assert env.memory.count() == 64  # what was stored stays stored; a retry recognises it
+    finally:
+        env.close()

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, g, jsonify, request
 
 from .. import __version__
 from ..errors import Busy, Conflict, EmbedTimeout
@@ -43,6 +43,7 @@ _FILTER_TYPES = wire_types(FILTER_FIELDS)
 @requires("write")
 def create_memories() -> Response:
     """One memory (``{"text": ...}``) or a batch (``{"items": [...]}``); honours Idempotency-Key."""
+    _shed_large_write(state())
     body = json_body()
     key = idempotency_key()
     if key is None:
@@ -73,6 +74,19 @@ def _create_idempotent(st: AppState, body: Dict[str, Any], key: str) -> Response
     return _created_response(status, payload)
 
 
+# A write body above this size is refused *before it is read and parsed* while the embedding budget is
+# mostly taken or memory is critically high: parsing a few 8 MB batches alone cost ~100 MB of RSS.
+LARGE_BODY_BYTES = 64 * 1024
+
+
+def _shed_large_write(st: AppState) -> None:
+    if (request.content_length or 0) <= LARGE_BODY_BYTES:
+        return
+    if st.memory.work.saturated():
+        raise Busy("the server is busy embedding other writes; retry shortly", retry_after=5.0)
+    st.governor.admit_embedding()
+
+
 def _memory_kwargs(obj: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     check_fields(obj, _CREATE_TYPES, required=("text",), prefix=prefix)
     kwargs = dict(obj)
@@ -93,7 +107,7 @@ def _create(st: AppState, body: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
             raise unprocessable(f"items must hold 1 to {MAX_BATCH_ITEMS} memories", "items")
         prepared = [_memory_kwargs(item, prefix=f"items[{i}].") for i, item in enumerate(items)]
         with st.governor.embedding():
-            results = st.memory.remember_many(prepared)
+            results = st.memory.remember_many(prepared, progress=st.governor.pace)
         out = [r.to_dict() for r in results]
         return (201 if any(r["created"] for r in out) else 200), {"items": out}
     kwargs = _memory_kwargs(body)
@@ -327,9 +341,10 @@ def _close(it: Any) -> None:
 def import_() -> Response:
     """NDJSON body (one memory object per line, as ``/v1/export`` writes). Bounded by max_body_bytes."""
     st = state()
+    _shed_large_write(st)
     text = ndjson_body()
     with st.governor.embedding():
-        result = st.memory.import_jsonl(io.StringIO(text))
+        result = st.memory.import_jsonl(io.StringIO(text), progress=st.governor.pace)
     return jsonify(result.to_dict())
 
 
