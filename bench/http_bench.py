@@ -44,7 +44,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "mem_http-bench-token"
-TARGETS = {"recall_p50_ms_at_4_clients": 15.0, "server_rss_mb_max": 150.0}
+TARGETS = {"recall_p50_ms_at_4_clients": 15.0, "server_rss_mb_max": 150.0,
+           "hostile_normal_p95_ms": 1000.0, "hostile_server_rss_mb_max": 150.0}
 MAX_REQUESTS_PER_CLIENT = 200_000  # count bound on top of the time bound
 
 # The server: the production entry point with settings from MEMENTO_* (the same thing `memento-edge serve`
@@ -363,7 +364,7 @@ def _environment() -> Dict[str, Any]:
 
 def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = (1, 4, 8),
         model_dir: Optional[Path] = None, workdir: Optional[Path] = None, out: Optional[Path] = None,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
+        log: Callable[[str], None] = print, hostile_seconds: float = 30.0) -> Dict[str, Any]:
     """Run the benchmark; returns the result dict (and writes JSON + Markdown if ``out`` is given)."""
     md = Path(model_dir) if model_dir else default_model_dir()
     if not (md / "manifest.json").is_file():
@@ -445,6 +446,8 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
                     f"{ph['throughput_rps']} req/s  errors {ph['errors']}  rss {ph['server_rss_mb_max']} MB")
                 phases.append(ph)
         result["phases"] = phases
+        if hostile_seconds > 0:
+            result["hostile"] = _hostile(server.port, queries, hostile_seconds, sampler, log)
         client = _Client(server.port)
         status, stats = client.call("GET", "/v1/stats")
         client.close()
@@ -467,6 +470,21 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
     return result
 
 
+def _hostile(port: int, queries: Sequence[str], seconds: float, sampler: "_Sampler",
+             log: Callable[[str], None]) -> Dict[str, Any]:
+    from .hostile import run_hostile
+
+    sampler.mark("hostile")
+    log(f"hostile: slowloris + idle keep-alives + max batches + 4 normal recall clients for {seconds:g} s ...")
+    res = run_hostile(port, TOKEN, queries, seconds, _percentile)
+    res["server_rss_mb_max"] = round(max((s[2] for s in sampler.samples if s[1] == "hostile"),
+                                         default=0) / 1024, 1)
+    sampler.mark("after-hostile")
+    log(f"  normal clients p50 {res['normal_p50_ms']} ms  p95 {res['normal_p95_ms']} ms  "
+        f"errors {res['normal_errors']}  server RSS max {res['server_rss_mb_max']} MB  {res['counts']}")
+    return res
+
+
 def _checks(result: Dict[str, Any]) -> Dict[str, Any]:
     rec4 = [p for p in result.get("phases", []) if p["kind"] == "recall" and p["clients"] == 4]
     checks: Dict[str, Any] = {}
@@ -479,6 +497,11 @@ def _checks(result: Dict[str, Any]) -> Dict[str, Any]:
         v = max(rss["rss_mb_max"], rss["hwm_mb"])
         checks["server_rss_mb_max"] = {"value": v, "target": TARGETS["server_rss_mb_max"],
                                        "ok": v <= TARGETS["server_rss_mb_max"]}
+    hostile = result.get("hostile")
+    if hostile:
+        for name, key in (("hostile_normal_p95_ms", "normal_p95_ms"),
+                          ("hostile_server_rss_mb_max", "server_rss_mb_max")):
+            checks[name] = {"value": hostile[key], "target": TARGETS[name], "ok": hostile[key] <= TARGETS[name]}
     checks["errors"] = {"value": sum(p["errors"] for p in result.get("phases", [])), "target": 0}
     checks["errors"]["ok"] = checks["errors"]["value"] == 0
     return checks
@@ -511,6 +534,16 @@ def to_markdown(result: Dict[str, Any]) -> str:
                      f"{ph['server_rss_mb_max']} |")
     lines += ["", "engine p50 = `took_ms` reported by the server for recall (time inside `Memory.recall`); "
               "the difference to p50 is HTTP, JSON, auth and waiting for a worker thread."]
+    hostile = result.get("hostile")
+    if hostile:
+        a = hostile["attack"]
+        lines += ["", f"Hostile phase ({hostile['seconds']:g} s): {a['slowloris']} slowloris sockets (1 byte/s), "
+                      f"{a['idle_keepalive']} idle keep-alives, {a['batch_writers']} clients sending {a['batch']} "
+                      f"batches, each from its own loopback address; {hostile['normal_clients']} normal recall "
+                      f"clients: p50 {hostile['normal_p50_ms']} ms, **p95 {hostile['normal_p95_ms']} ms**, "
+                      f"p99 {hostile['normal_p99_ms']} ms, {hostile['normal_requests']} requests, "
+                      f"{hostile['normal_errors']} errors; server RSS max **{hostile['server_rss_mb_max']} MB**. "
+                      f"What the attackers saw: {hostile['counts']}."]
     rss = result.get("server_rss", {})
     lines += ["", f"Server memory over the whole run: VmRSS max {rss.get('rss_mb_max')} MB, "
                   f"VmHWM {rss.get('hwm_mb')} MB ({rss.get('samples')} samples at 100 ms).", ""]
@@ -543,13 +576,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--clients", default="1,4,8", help="comma-separated client counts")
     ap.add_argument("--model-dir", type=Path, default=None, help="default models/minilm-int8")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the store here instead of a temp dir")
+    ap.add_argument("--hostile-seconds", type=float, default=30.0,
+                    help="seconds of the hostile phase (slowloris + idle keep-alives + max batches); 0 = skip")
     ap.add_argument("--out", type=Path, default=None,
                     help="output path without suffix (default bench/results/<date>-http)")
     args = ap.parse_args(argv)
     out = args.out or REPO / "bench" / "results" / f"{_dt.date.today().isoformat()}-http"
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     result = run(memories=args.memories, seconds=args.seconds, clients=clients, model_dir=args.model_dir,
-                 workdir=args.workdir, out=out)
+                 workdir=args.workdir, out=out, hostile_seconds=args.hostile_seconds)
     print(to_markdown(result))
     return 0 if all(c["ok"] for c in result["checks"].values()) else 1
 

@@ -45,7 +45,7 @@ def read_rss_bytes(path: str = "/proc/self/statm") -> Optional[int]:
         return None
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
     """Return free heap pages to the kernel (glibc only; silently nothing elsewhere)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -132,7 +132,7 @@ class Governor:
             except Exception:  # relief is best effort: never fail a request because of it
                 log.exception("memory governor: relief failed")
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         self.relief_count += 1
 
     def _embedder(self) -> Any:
@@ -193,7 +193,7 @@ class Governor:
                 self.idle_unloads += 1
                 log.info("unloaded the model after %.0f idle minutes", idle_for / 60)
                 gc.collect()
-                _malloc_trim()
+                malloc_trim()
             except Exception:
                 log.exception("idle unload failed")
 

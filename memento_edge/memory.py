@@ -294,11 +294,15 @@ class Memory:
     def remember_many(self, items: Iterable[Mapping[str, Any]],
                       progress: Optional[Progress] = None) -> List[RememberResult]:
         """Store many memories: validated first, embedded in mini-batches, committed once per batch."""
-        clean = [_validate_item(it, prefix=f"items[{i}]." if not isinstance(items, list) or len(items) > 1 else "")
-                 for i, it in enumerate(items)]
+        given = list(items)
+        # Budgeted before validation: a request over the budget costs no more than this estimate.
+        texts = (it.get("text") if isinstance(it, Mapping) else None for it in given)
+        tokens = estimate_tokens((t for t in texts if isinstance(t, str)), self.settings.max_tokens)
         results: List[RememberResult] = []
         # ``progress`` runs between mini-batches: the web layer's memory governor can stop a long batch there.
-        with self.work.take(self._tokens(clean), wait=WORK_WAIT_S):
+        with self.work.take(tokens, wait=WORK_WAIT_S):
+            clean = [_validate_item(it, prefix=f"items[{i}]." if len(given) > 1 else "")
+                     for i, it in enumerate(given)]
             for start in range(0, len(clean), WRITE_BATCH):
                 results.extend(self._remember_batch(clean[start:start + WRITE_BATCH]))
                 if progress is not None:

@@ -603,3 +603,17 @@ def test_the_governor_stops_a_long_batch_when_memory_runs_out(tmp_path: Path) ->
         assert env.memory.count() == 64  # what was stored stays stored; a retry recognises it
     finally:
         env.close()
+
+
+def test_one_large_write_body_at_a_time(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    try:
+        big = json.dumps({"items": [{"text": f"{n} " + "z" * 1000} for n in range(100)]})  # > 64 KB
+        slot = env.app.extensions["memento"].large_writes
+        with slot:  # another large write is being parsed and embedded
+            r = env.client.post("/v1/memories", data=big, content_type="application/json")
+            assert r.status_code == 503 and env.memory.count() == 0
+            assert env.client.post("/v1/memories", json={"text": "small writes still go"}).status_code == 201
+        assert env.client.post("/v1/memories", data=big, content_type="application/json").status_code == 201
+    finally:
+        env.close()

@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Tuple
@@ -21,6 +22,7 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from .. import __version__
 from ..errors import Busy, Conflict, EmbedTimeout
+from ..governor import malloc_trim
 from ..schema import (CREATE_FIELDS, DEFAULT_LIST_LIMIT, FILTER_FIELDS, MAX_BATCH_ITEMS, MAX_BATCH_QUERIES,
                       MAX_CURSOR_DIGITS, MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_TEXT_CHARS, MAX_TOPK,
                       MEMORY_FIELDS, RECALL_FIELDS, wire_types)
@@ -43,12 +45,12 @@ _FILTER_TYPES = wire_types(FILTER_FIELDS)
 @requires("write")
 def create_memories() -> Response:
     """One memory (``{"text": ...}``) or a batch (``{"items": [...]}``); honours Idempotency-Key."""
-    _shed_large_write(state())
-    body = json_body()
-    key = idempotency_key()
-    if key is None:
-        return _created_response(*_create(state(), body))
-    return _create_idempotent(state(), body, key)
+    with _large_write_slot(state()):
+        body = json_body()
+        key = idempotency_key()
+        if key is None:
+            return _created_response(*_create(state(), body))
+        return _create_idempotent(state(), body, key)
 
 
 def _create_idempotent(st: AppState, body: Dict[str, Any], key: str) -> Response:
@@ -74,17 +76,28 @@ def _create_idempotent(st: AppState, body: Dict[str, Any], key: str) -> Response
     return _created_response(status, payload)
 
 
-# A write body above this size is refused *before it is read and parsed* while the embedding budget is
-# mostly taken or memory is critically high: parsing a few 8 MB batches alone cost ~100 MB of RSS.
+# Write bodies above this size are handled one at a time, and refused *before they are read and parsed*
+# while another is in progress, the embedding budget is mostly taken or memory is critically high:
+# parsing four 8 MB batches at once cost ~100 MB of RSS.
 LARGE_BODY_BYTES = 64 * 1024
+LARGE_BODY_WAIT_S = 1.0
 
 
-def _shed_large_write(st: AppState) -> None:
+@contextmanager
+def _large_write_slot(st: AppState) -> Iterator[None]:
     if (request.content_length or 0) <= LARGE_BODY_BYTES:
+        yield
         return
-    if st.memory.work.saturated():
-        raise Busy("the server is busy embedding other writes; retry shortly", retry_after=5.0)
-    st.governor.admit_embedding()
+    if st.memory.work.saturated() or not st.large_writes.acquire(timeout=LARGE_BODY_WAIT_S):
+        raise Busy("the server is busy with another large write; retry shortly", retry_after=5.0)
+    try:
+        st.governor.admit_embedding()
+        yield
+    finally:
+        st.large_writes.release()
+        # glibc keeps the freed megabytes of the body and its parse in the heap (its mmap threshold
+        # adapts upwards); hand them back so a few large writes do not leave the RSS ~50 MB higher.
+        malloc_trim()
 
 
 def _memory_kwargs(obj: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -341,10 +354,10 @@ def _close(it: Any) -> None:
 def import_() -> Response:
     """NDJSON body (one memory object per line, as ``/v1/export`` writes). Bounded by max_body_bytes."""
     st = state()
-    _shed_large_write(st)
-    text = ndjson_body()
-    with st.governor.embedding():
-        result = st.memory.import_jsonl(io.StringIO(text), progress=st.governor.pace)
+    with _large_write_slot(st):
+        text = ndjson_body()
+        with st.governor.embedding():
+            result = st.memory.import_jsonl(io.StringIO(text), progress=st.governor.pace)
     return jsonify(result.to_dict())
 
 

@@ -34,6 +34,8 @@ class AppState:
         self.metrics = Metrics()
         self.governor = Governor(settings.rss_limit_mb, lambda: memory.embedder,
                                  idle_unload_minutes=settings.idle_unload_minutes)
+        # One large write body (parse + embed) at a time: see api._large_write_slot.
+        self.large_writes = threading.BoundedSemaphore(1)
         # Striped locks serialise requests that share an idempotency key (check-then-act race).
         self.idem_locks = [threading.Lock() for _ in range(64)]
         self.openapi_doc: Optional[Dict[str, Any]] = None
