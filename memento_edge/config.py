@@ -97,6 +97,9 @@ SETTINGS: List[Setting] = [
     Setting("clock", _clock_mode, "auto",
             "Trust in the wall clock: auto (systemd-timesyncd / kernel NTP state), trusted (board with an "
             "RTC), untrusted. Memories stored while it is untrusted are flagged and re-dated once it is."),
+    Setting("device_status", str, "/run/memento-edge-device/status.json",
+            "Status file the appliance's first-boot script writes (first-boot file applied or refused, Wi-Fi "
+            "firmware); shown by /readyz and, with the generated token, on the web page to loopback/USB clients."),
     Setting("log_level", str, "INFO", "Logging level."),
     Setting("tokens", list, [], "API tokens: list of {name, sha256, scopes} (see `memento-edge token create`)."),
 ]
@@ -148,6 +151,7 @@ class Settings:
     dedupe_threshold: float = 0.0
     vector_backend: str = "auto"
     clock: str = "auto"
+    device_status: str = "/run/memento-edge-device/status.json"
     log_level: str = "INFO"
     tokens: List[Dict[str, Any]] = field(default_factory=list)
     config_file: Optional[str] = None

@@ -3,7 +3,8 @@
 # .cache/ci-appliance-times.json and the log):
 #   setup     host tools (apt: mmdebstrap, qemu-user-static from bookworm-backports, qemu-system-arm, mtools,
 #             dosfstools, fdisk) + the Ansible venv (.cache/ansible-venv, pinned in ansible/requirements.txt)
-#   fast      pytest tests/test_ansible.py: syntax-check, ansible-lint (production profile), first-boot parser
+#   fast      pytest tests/test_ansible.py tests/test_firstboot.py: syntax-check, ansible-lint (production
+#             profile), the first-boot file parser
 # then for each board in $MEMENTO_CI_BOARDS (image/boards.sh; default "zero2w": the zero-w stages are opt-in,
 # MEMENTO_CI_BOARDS="zero2w zero-w", until they have passed on a CI machine and been timed against the 60 min):
 #   converge-B  MEMENTO_APPLIANCE=1 MEMENTO_IMAGE_BOARD=B pytest tests/test_ansible.py: the role into the board's
@@ -91,7 +92,7 @@ setup() {
   [ -f "$repo/models/minilm-int8/manifest.json" ] || timeout 1800 "$repo/scripts/build-model"
 }
 
-fast() { timeout 1200 "$py" -m pytest -q tests/test_ansible.py; }
+fast() { timeout 1200 "$py" -m pytest -q tests/test_ansible.py tests/test_firstboot.py; }
 converge() {  # converge BOARD
   MEMENTO_IMAGE_BOARD="$1" MEMENTO_APPLIANCE=1 timeout 3600 "$py" -m pytest -q tests/test_ansible.py \
     -k 'converge or service or files or model or config or unit or installed or python or armv6'

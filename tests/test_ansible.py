@@ -1,7 +1,7 @@
 """Checks of the appliance's Ansible role (ansible/) and first-boot script (image/files/firstboot/).
 
 Fast checks (always run when the Ansible venv exists): ``ansible-playbook --syntax-check``, ``ansible-lint``
-(production profile, no skip list) and the first-boot file parser.
+(production profile, no skip list). The first-boot file parser has its own tests (tests/test_firstboot.py).
 
 Slow checks (``MEMENTO_APPLIANCE=1``, run by ``scripts/ci-appliance.sh``): converge the role into an
 emulated Debian bookworm root filesystem of the board ``MEMENTO_IMAGE_BOARD`` names (``zero2w``: arm64,
@@ -18,7 +18,6 @@ makes it) so they never mix with the project's runtime dependencies.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -36,7 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = REPO / "ansible"
 ANSIBLE_VENV = Path(os.environ.get("MEMENTO_ANSIBLE_VENV", REPO / ".cache" / "ansible-venv"))
 ANSIBLE_BIN = ANSIBLE_VENV / "bin"
-FIRSTBOOT = REPO / "image" / "files" / "firstboot" / "memento-edge-firstboot.py"
 MODEL_DIR = Path(os.environ.get("MEMENTO_MODEL_SRC", REPO / "models" / "minilm-int8"))
 SLOW = os.environ.get("MEMENTO_APPLIANCE") == "1"
 BOARD = os.environ.get("MEMENTO_IMAGE_BOARD", "zero2w")
@@ -98,56 +96,6 @@ def test_role_variables_are_prefixed() -> None:
     names = re.findall(r"^([A-Za-z_][A-Za-z0-9_]*):", defaults, flags=re.M)
     assert names, "no variables found"
     assert [n for n in names if not n.startswith("memento_edge_")] == []
-
-
-@pytest.fixture(scope="module")
-def firstboot():  # noqa: ANN201 - a module object
-    """The first-boot script imported as a module."""
-    spec = importlib.util.spec_from_file_location("memento_edge_firstboot", FIRSTBOOT)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_firstboot_parses_example_file(firstboot) -> None:  # noqa: ANN001
-    """The documented example parses into every key with no warnings (BOM and CRLF tolerated)."""
-    text = (REPO / "image/files/memento-edge.txt.example").read_text()
-    values, warnings = firstboot.parse("\ufeff" + text.replace("\n", "\r\n"))
-    assert warnings == []
-    assert values["hostname"] == ["memento-pi"]
-    assert values["wifi_country"] == ["DE"]
-    assert values["wifi_passphrase"] == ["correct horse battery staple"]
-    assert values["ssh_authorized_key"][0].startswith("ssh-ed25519 ")
-
-
-def test_firstboot_wipes_only_secrets(firstboot) -> None:  # noqa: ANN001
-    """After applying, passphrase and token are gone from the file; other lines stay."""
-    text = "hostname = pi\nwifi_passphrase = s3cret-pass\napi_token = tok-123456789012345\n# note\n"
-    wiped = firstboot.wipe_secrets(text)
-    assert "s3cret-pass" not in wiped and "tok-123456789012345" not in wiped
-    assert "hostname = pi" in wiped and "# note" in wiped
-    values, _ = firstboot.parse(wiped)
-    assert "wifi_passphrase" not in values and "api_token" not in values
-
-
-def test_firstboot_token_and_config(firstboot, tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    """A token from the file lands in config.yaml as its sha256 only; with none, one is generated."""
-    cfg = tmp_path / "etc/memento-edge/config.yaml"
-    cfg.parent.mkdir(parents=True)
-    cfg.write_text("port: 8077\ntokens: []\n")
-    monkeypatch.setattr(firstboot, "CONFIG", cfg)
-    monkeypatch.setattr(firstboot, "TOKEN_FILE", tmp_path / "etc/memento-edge/initial-token")
-    firstboot.ensure_some_token()
-    generated = (tmp_path / "etc/memento-edge/initial-token").read_text().strip()
-    cfg_text = cfg.read_text()
-    assert generated not in cfg_text
-    assert hashlib.sha256(generated.encode()).hexdigest() in cfg_text
-    firstboot.apply_token("a-token-from-the-boot-file-0123456789", "agent")
-    cfg_text = cfg.read_text()
-    assert "a-token-from-the-boot-file" not in cfg_text
-    assert hashlib.sha256(b"a-token-from-the-boot-file-0123456789").hexdigest() in cfg_text
-    assert "port: 8077" in cfg_text
 
 
 # --- slow: converge into an emulated arm64 root filesystem -----------------------------------------------------

@@ -1,10 +1,13 @@
 """The routes outside /v1: the LAN page, liveness, readiness, metrics and the OpenAPI document."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, render_template
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify, render_template, request
 from jinja2 import TemplateNotFound
 
 from .. import __version__
+from ..device import local_view
 from .access import requires
 from .errors import retry_after
 from .metrics import service_families
@@ -22,7 +25,9 @@ _PLACEHOLDER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8
 def index() -> Response:
     """The LAN page (``templates/index.html``); it asks for the token and sends it in a header."""
     try:
-        html = render_template("index.html", version=__version__, auth_required=state().auth_enabled)
+        st = state()
+        html = render_template("index.html", version=__version__, auth_required=st.auth_enabled,
+                               device=local_view(Path(st.settings.device_status), request.remote_addr))
     except TemplateNotFound:
         html = _PLACEHOLDER_PAGE
     return Response(html, mimetype="text/html")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from flask import current_app
 
 from ..auth import TokenTable, is_loopback
+from ..device import public_status
 from ..errors import MementoError, ModelUnavailable
 from ..governor import Governor
 from .metrics import Metrics
@@ -66,6 +68,9 @@ def readiness(st: AppState) -> Dict[str, Any]:
                "read_only": bool(db.get("read_only", False)), "disk_free_bytes": db.get("disk_free_bytes"),
                "disk_total_bytes": db.get("disk_total_bytes")},
         "model": model_state(st.embedder), "governor": st.governor.state}
+    device = public_status(Path(st.settings.device_status))
+    if device is not None:  # on the appliance: first-boot file, Imager and Wi-Fi state (memento_edge/device.py)
+        body["device"] = device
     if db.get("error"):
         body["db"]["error"] = db["error"]
     return body
