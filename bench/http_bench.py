@@ -7,8 +7,10 @@ What it does, in order:
 2. starts the service as a subprocess (``web.serve`` on Waitress, production settings except that the
    rate limiter is off) on a free 127.0.0.1 port, with one API token;
 3. for each client count (default 1, 4, 8): ``seconds`` of recall (hybrid, topk 5, a query pool larger than
-   the embedding cache so queries are embedded, not served from the cache), then ``seconds`` of remember (new
-   texts); each client is a thread with its own keep-alive ``http.client`` connection;
+   the embedding cache so queries are embedded, not served from the cache), then ``seconds`` of the same
+   search through MCP (``POST /mcp`` ``tools/call`` ``memory_search``, protocol 2026-07-28, a second query
+   pool so neither face gets the other's cache hits), then ``seconds`` of remember (new texts); each client is
+   a thread with its own keep-alive ``http.client`` connection;
 4. samples the server's VmRSS and VmHWM from ``/proc/<pid>/status`` every 100 ms throughout.
 
 A 3-second ``GET /healthz`` phase first gives the floor of the HTTP stack (Waitress + Flask) alone.
@@ -45,7 +47,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "mem_http-bench-token"
 TARGETS = {"recall_p50_ms_at_4_clients": 15.0, "server_rss_mb_max": 150.0,
-           "hostile_normal_p95_ms": 1000.0, "hostile_server_rss_mb_max": 150.0}
+           "hostile_normal_p95_ms": 1000.0, "hostile_server_rss_mb_max": 150.0,
+           # MCP costs no more than REST for the same search (issue #11): p50 and the server's RSS.
+           "mcp_search_p50_over_recall_ms": 1.0, "mcp_rss_over_recall_mb": 3.0}
 MAX_REQUESTS_PER_CLIENT = 200_000  # count bound on top of the time bound
 
 # The server: the production entry point with settings from MEMENTO_* (the same thing `memento-edge serve`
@@ -108,10 +112,11 @@ class _Client:
         self.port = port
         self.conn: Optional[http.client.HTTPConnection] = None
 
-    def call(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None,
+             extra_headers: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
         if self.conn is None:
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        headers = {"Authorization": f"Bearer {TOKEN}"}
+        headers = {"Authorization": f"Bearer {TOKEN}", **(extra_headers or {})}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -262,7 +267,25 @@ def _percentile(sorted_ms: Sequence[float], q: float) -> float:
     return sorted_ms[k]
 
 
-def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int, int], Tuple[str, str, Any]],
+def _mcp_failed(payload: Any) -> bool:
+    """True for an MCP answer that is a JSON-RPC error or a tool error (it must not count as a success)."""
+    if not isinstance(payload, dict) or payload.get("jsonrpc") != "2.0":
+        return False
+    return "error" in payload or bool(payload.get("result", {}).get("isError"))
+
+
+MCP_HEADERS = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "memory_search"}
+MCP_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def mcp_search(query: str, i: int) -> Tuple[str, str, Any, Dict[str, str]]:
+    """The MCP request equivalent to REST ``POST /v1/recall {"query", "topk": 5, "mode": "hybrid"}``."""
+    return "POST", "/mcp", {"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {
+        "name": "memory_search", "arguments": {"query": query, "topk": 5, "mode": "hybrid"},
+        "_meta": MCP_META}}, MCP_HEADERS
+
+
+def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int, int], Tuple[Any, ...]],
            expect: int) -> Dict[str, Any]:
     """``clients`` threads send ``make_request(client_no, i)`` for ``seconds``; latency stats of the lot."""
     latencies: List[List[float]] = [[] for _ in range(clients)]
@@ -278,15 +301,15 @@ def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int,
             for i in range(MAX_REQUESTS_PER_CLIENT):
                 if time.monotonic() >= stop_at[0]:
                     break
-                method, path, body = make_request(n, i)
+                method, path, body, *extra = make_request(n, i)
                 t0 = time.perf_counter()
                 try:
-                    status, payload = client.call(method, path, body)
+                    status, payload = client.call(method, path, body, *extra)
                 except (OSError, http.client.HTTPException) as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
                     continue
                 dt = (time.perf_counter() - t0) * 1000.0
-                if status != expect:
+                if status != expect or _mcp_failed(payload):
                     errors.append(f"HTTP {status}: {str(payload)[:200]}")
                     continue
                 latencies[n].append(dt)
@@ -410,6 +433,7 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
         client.close()
 
         queries = make_queries(4000)
+        mcp_queries = make_queries(4000, seed=12)
         next_text = [memories]
         text_lock = threading.Lock()
 
@@ -417,6 +441,9 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
             # Each client walks the pool from its own offset: cache hits stay rare (pool > cache size).
             return "POST", "/v1/recall", {"query": queries[(n * 997 + i) % len(queries)], "topk": 5,
                                           "mode": "hybrid"}
+
+        def mcp_request(n: int, i: int) -> Tuple[str, str, Any, Dict[str, str]]:
+            return mcp_search(mcp_queries[(n * 997 + i) % len(mcp_queries)], i)
 
         def remember_request(n: int, i: int) -> Tuple[str, str, Any]:
             with text_lock:
@@ -435,7 +462,8 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
         log(f"healthz (HTTP floor): p50 {ph['p50_ms']} ms, {ph['throughput_rps']} req/s")
         phases.append(ph)
         for c in clients:
-            for kind, fn, expect in (("recall", recall_request, 200), ("remember", remember_request, 201)):
+            for kind, fn, expect in (("recall", recall_request, 200), ("mcp_search", mcp_request, 200),
+                                     ("remember", remember_request, 201)):
                 sampler.mark(f"{kind}-{c}")
                 log(f"{kind} with {c} client(s) for {seconds:g} s ...")
                 ph = _phase(server.port, c, seconds, fn, expect)
@@ -502,9 +530,22 @@ def _checks(result: Dict[str, Any]) -> Dict[str, Any]:
         for name, key in (("hostile_normal_p95_ms", "normal_p95_ms"),
                           ("hostile_server_rss_mb_max", "server_rss_mb_max")):
             checks[name] = {"value": hostile[key], "target": TARGETS[name], "ok": hostile[key] <= TARGETS[name]}
+    checks.update(_mcp_checks(result.get("phases", [])))
     checks["errors"] = {"value": sum(p["errors"] for p in result.get("phases", [])), "target": 0}
     checks["errors"]["ok"] = checks["errors"]["value"] == 0
     return checks
+
+
+def _mcp_checks(phases: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """MCP search vs REST recall at each client count: the worst p50 gap and the worst RSS gap."""
+    by = {(p["kind"], p["clients"]): p for p in phases}
+    pairs = [(by[("recall", c)], by[("mcp_search", c)]) for k, c in by if k == "mcp_search" and ("recall", c) in by]
+    if not pairs:
+        return {}
+    gap = max(round(m["p50_ms"] - r["p50_ms"], 2) for r, m in pairs)
+    rss = max(round(m["server_rss_mb_max"] - r["server_rss_mb_max"], 1) for r, m in pairs)
+    return {name: {"value": v, "target": TARGETS[name], "ok": v <= TARGETS[name]}
+            for name, v in (("mcp_search_p50_over_recall_ms", gap), ("mcp_rss_over_recall_mb", rss))}
 
 
 def to_markdown(result: Dict[str, Any]) -> str:

@@ -465,6 +465,23 @@ def serve(state: _State, host: Optional[str], port: Optional[int], threads: Opti
     run(state.settings(host=host, port=port, threads=threads, insecure_no_auth=insecure_no_auth))
 
 
+@main.command("mcp")
+@click.option("--url", envvar="MEMENTO_URL", help="Relay to this appliance (e.g. http://memento-pi.local:8077); "
+              "without it, serve the local database. Env: MEMENTO_URL.")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+              help="File holding the API token for --url (or set MEMENTO_TOKEN).")
+@click.pass_obj
+@_errors
+def mcp_cmd(state: _State, url: Optional[str], token_file: Optional[str]) -> None:
+    """MCP server on stdin/stdout, for agents that launch a command (Claude Desktop, IDEs)."""
+    from .mcp.stdio import run
+
+    token = os.environ.get("MEMENTO_TOKEN")
+    if token_file:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    run(url, token, state.settings)
+
+
 @main.group()
 def token() -> None:
     """Manage API tokens."""

@@ -43,6 +43,14 @@ def _optional_str(value: Any) -> Optional[str]:
     return None if value in (None, "") else str(value)
 
 
+def _str_list(value: Any) -> List[str]:
+    if isinstance(value, str):  # from the environment: comma-separated
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return list(value)
+
+
 def _clock_mode(value: Any) -> str:
     from .clock import CLOCK_MODES
 
@@ -101,6 +109,10 @@ SETTINGS: List[Setting] = [
             "Status file the appliance's first-boot script writes (first-boot file applied or refused, Wi-Fi "
             "firmware); shown by /readyz and, with the generated token, on the web page to loopback/USB clients."),
     Setting("log_level", str, "INFO", "Logging level."),
+    Setting("mcp_allowed_origins", _str_list, [],
+            "Browser origins (e.g. https://chat.example) allowed to call /mcp besides the service's own page; "
+            "requests without an Origin header (every non-browser client) always pass. Comma-separated in "
+            "the environment."),
     Setting("tokens", list, [], "API tokens: list of {name, sha256, scopes} (see `memento-edge token create`)."),
 ]
 
@@ -153,6 +165,7 @@ class Settings:
     clock: str = "auto"
     device_status: str = "/run/memento-edge-device/status.json"
     log_level: str = "INFO"
+    mcp_allowed_origins: List[str] = field(default_factory=list)
     tokens: List[Dict[str, Any]] = field(default_factory=list)
     config_file: Optional[str] = None
 

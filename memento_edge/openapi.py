@@ -361,6 +361,9 @@ def build_openapi(version: str) -> Dict[str, Any]:
                            required=False),
             responses={"201": _json(_ref("BackupResult"), "Backup written.")})},
     }
+    from .mcp.openapi import mcp_path, mcp_schemas
+
+    paths["/mcp"] = mcp_path()
     return {
         "openapi": "3.0.3",
         "info": {
@@ -378,7 +381,7 @@ def build_openapi(version: str) -> Dict[str, Any]:
                 "description": "Token from `memento-edge token create`; scopes read / write / admin "
                                "(admin implies all). Not required when no token is configured and the "
                                "service listens on loopback only."}},
-            "schemas": _schemas(),
+            "schemas": dict(_schemas(), **mcp_schemas()),
             "responses": _responses(),
         },
     }

@@ -309,6 +309,22 @@
     });
   }
 
+  /** Copy a setup command. The Clipboard API exists only on https or localhost (not on a LAN address over
+      http), so the fallback selects the text and uses the older execCommand. */
+  function copyCommand(ev) {
+    var box = $(ev.currentTarget.getAttribute("data-copy"));
+    var done = function () { say($("mcp-status"), "Copied. Replace YOUR_TOKEN with your token.", false); };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(box.value).then(done, function () { box.select(); });
+      return;
+    }
+    box.focus();
+    box.select();
+    if (document.execCommand && document.execCommand("copy")) { done(); } else {
+      say($("mcp-status"), "Selected: press Ctrl+C (Cmd+C) to copy.", false);
+    }
+  }
+
   // ---- wiring ------------------------------------------------------------------------------------
   function init() {
     showTokenState();
@@ -334,6 +350,9 @@
     $("recent-btn").addEventListener("click", function () { loadRecent(false); });
     $("recent-more").addEventListener("click", function () { loadRecent(true); });
     $("stats-btn").addEventListener("click", loadStats);
+    Array.prototype.forEach.call(document.querySelectorAll("button.copy"), function (b) {
+      b.addEventListener("click", copyCommand);
+    });
   }
 
   if (document.readyState === "loading") {

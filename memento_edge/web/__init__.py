@@ -2,6 +2,7 @@
 
     __init__.py  create_app, serve
     api.py       the /v1 REST blueprint (short views: parse -> one call -> respond)
+    mcp.py       POST /mcp: the MCP endpoint (the protocol itself is memento_edge.mcp)
     pages.py     /, /healthz, /readyz, /metrics, /openapi.json
     requests.py  JSON / NDJSON bodies, query parameters, field checks driven by memento_edge.schema
     errors.py    the JSON error shape; domain errors -> HTTP status
@@ -41,7 +42,7 @@ def create_app(settings: "Settings", memory: Optional["Memory"] = None) -> Flask
     Raises :class:`InvalidInput` for malformed token entries in the settings. The bind policy
     (refusing a non-loopback address without a token) is applied by :func:`serve`.
     """
-    from . import api, pages
+    from . import api, mcp, pages
 
     if memory is None:
         from ..memory import Memory
@@ -56,6 +57,7 @@ def create_app(settings: "Settings", memory: Optional["Memory"] = None) -> Flask
     register_hooks(app)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
+    mcp.register(app)
     return app
 
 

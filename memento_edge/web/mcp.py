@@ -1,0 +1,73 @@
+"""``POST /mcp`` on the Flask app: the Streamable HTTP transport, answering every request with one JSON body.
+
+The app's own hooks apply first, exactly as for REST: the Host check of an open loopback service, the bearer
+token (401 with ``WWW-Authenticate: Bearer``), the rate limit, and the ``read`` scope every MCP client needs
+(write tools also need ``write``, checked per call). Before them, :func:`_check_origin` turns away browsers
+on foreign origins (403), as the transport specification requires against DNS rebinding: requests without
+``Origin`` (every non-browser client), from the service's own page, or from an origin in
+``mcp_allowed_origins`` pass. GET and DELETE answer 405: no stream and no session to open or close.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from flask import Flask, Response, current_app, g, jsonify, request
+
+from ..mcp.protocol import Reply, handle
+from ..mcp.tools import ToolContext
+from ..mcp.wire import INVALID_REQUEST, PARSE_ERROR, error_body
+from .access import requires
+from .state import EXT
+
+PATH = "/mcp"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_reply(reply: Reply) -> Response:
+    if reply.body is None:
+        return Response(status=reply.status)
+    resp = jsonify(reply.body)
+    resp.status_code = reply.status
+    return resp
+
+
+def _check_origin() -> Optional[Response]:
+    if request.path != PATH:
+        return None
+    origin = request.headers.get("Origin")
+    allowed = current_app.extensions[EXT].settings.mcp_allowed_origins
+    if origin is None or origin in allowed or origin == f"{request.scheme}://{request.host}":
+        return None
+    return _json_reply(Reply(403, error_body(INVALID_REQUEST, f"Origin {origin!r} is not allowed; add it to "
+                                                              "mcp_allowed_origins to let that page in")))
+
+
+@requires("read")
+def mcp_endpoint() -> Response:
+    """One JSON-RPC request or notification in, one JSON-RPC response (or 202) out."""
+    st = current_app.extensions[EXT]
+    if request.mimetype != "application/json":
+        return _json_reply(Reply(415, error_body(INVALID_REQUEST, "Content-Type must be application/json")))
+    accept = request.accept_mimetypes
+    if request.headers.get("Accept") and not accept.accept_json:
+        return _json_reply(Reply(406, error_body(INVALID_REQUEST, "this server answers with application/json; "
+                                                                  "list it in Accept")))
+    try:
+        msg = json.loads(request.get_data(cache=False), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return _json_reply(Reply(400, error_body(PARSE_ERROR, "Parse error: the body is not valid JSON")))
+    principal = g.principal
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    reply = handle(msg, headers, lambda: ToolContext(memory=st.memory, principal=principal.name,
+                                                      allows=principal.allows, governor=st.governor))
+    return _json_reply(reply)
+
+
+def register(app: Flask) -> None:
+    """Add ``POST /mcp`` and its Origin check (run before the app's auth hook) to ``app``."""
+    app.add_url_rule(PATH, "mcp", mcp_endpoint, methods=["POST"])
+    app.before_request_funcs.setdefault(None, []).insert(0, _check_origin)

@@ -1,0 +1,374 @@
+"""POST /mcp through the Flask test client: both protocol generations, the tools, and every way to get it
+wrong (never a 500). The official SDK clients against a real server are in test_mcp_conformance.py."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import jsonschema
+import pytest
+
+from memento_edge.governor import Governor
+from memento_edge.mcp.protocol import MODERN_VERSIONS, SUPPORTED_VERSIONS
+from memento_edge.mcp.tools import TOOLS
+from memento_edge.mcp.when import resolve_time
+from webfixtures import ALL_TOKENS, MissingModelEmbedder, WebEnv, make_env
+
+MODERN = MODERN_VERSIONS[0]
+META = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "0"}}
+MB = 1024 * 1024
+
+
+@pytest.fixture(name="env")
+def env_fixture(tmp_path: Any) -> Iterator[WebEnv]:
+    """Tokens configured (reader, writer, rw, admin); no rate limit."""
+    env = make_env(tmp_path, tokens=ALL_TOKENS, rate_limit_per_minute=0)
+    yield env
+    env.close()
+
+
+def post(env: WebEnv, body: Any, *, who: Optional[str] = "rw", headers: Optional[Dict[str, str]] = None,
+         raw: Optional[bytes] = None) -> Tuple[int, Any, Any]:
+    """POST /mcp; returns (status, JSON body or None, response)."""
+    hdrs = dict(env.auth(who)) if who else {}
+    hdrs.update(headers or {})
+    data = raw if raw is not None else json.dumps(body).encode()
+    resp = env.client.post("/mcp", data=data, headers=hdrs, content_type="application/json")
+    return resp.status_code, (resp.get_json() if resp.data else None), resp
+
+
+def modern(env: WebEnv, method: str, params: Optional[Dict[str, Any]] = None, **kw: Any) -> Tuple[int, Any, Any]:
+    """A 2026-07-28 request with the envelope and the matching headers."""
+    params = dict(params or {}, _meta=META)
+    headers = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
+    if method == "tools/call":
+        headers["Mcp-Name"] = params["name"]
+    headers.update(kw.pop("headers", {}))
+    return post(env, {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, headers=headers, **kw)
+
+
+def legacy(env: WebEnv, method: str, params: Optional[Dict[str, Any]] = None, version: str = "2025-06-18",
+           **kw: Any) -> Tuple[int, Any, Any]:
+    """A handshake-era request (after initialize) with its MCP-Protocol-Version header."""
+    body = {"jsonrpc": "2.0", "id": 7, "method": method}
+    if params is not None:
+        body["params"] = params
+    return post(env, body, headers={"MCP-Protocol-Version": version}, **kw)
+
+
+def call(env: WebEnv, name: str, args: Dict[str, Any], **kw: Any) -> Dict[str, Any]:
+    """tools/call in the modern generation; the CallToolResult."""
+    status, body, _ = modern(env, "tools/call", {"name": name, "arguments": args}, **kw)
+    assert status == 200, body
+    return body["result"]
+
+
+# --- both generations ------------------------------------------------------------------------------
+def test_discover_names_every_served_version_and_the_tools_capability(env: WebEnv) -> None:
+    status, body, _ = modern(env, "server/discover")
+    result = body["result"]
+    assert status == 200 and result["supportedVersions"] == list(SUPPORTED_VERSIONS)
+    assert result["capabilities"] == {"tools": {}} and result["resultType"] == "complete"
+    assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "memento-edge"
+
+
+def test_initialize_negotiates_a_legacy_version_and_ping_answers(env: WebEnv) -> None:
+    for asked, got in [("2025-06-18", "2025-06-18"), ("2025-11-25", "2025-11-25"), ("2024-11-05", "2025-11-25")]:
+        status, body, resp = post(env, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": asked, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        assert status == 200 and body["result"]["protocolVersion"] == got
+        assert body["result"]["capabilities"]["tools"] == {"listChanged": False}
+        assert "Mcp-Session-Id" not in resp.headers  # stateless: no session is minted
+    status, body, _ = post(env, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert status == 202 and body is None
+    assert legacy(env, "ping")[1]["result"] == {}
+
+
+def test_tools_list_is_the_same_in_both_generations_and_has_output_schemas(env: WebEnv) -> None:
+    new = modern(env, "tools/list")[1]["result"]
+    old = legacy(env, "tools/list", {})[1]["result"]
+    assert [t["name"] for t in new["tools"]] == [t["name"] for t in old["tools"]] == list(TOOLS)
+    assert new["ttlMs"] > 0 and new["cacheScope"] == "public" and "resultType" not in old
+    for tool in new["tools"]:
+        jsonschema.Draft202012Validator.check_schema(tool["inputSchema"])
+        jsonschema.Draft202012Validator.check_schema(tool["outputSchema"])
+        assert tool["inputSchema"]["type"] == "object" and tool["description"]
+
+
+def test_tool_schemas_follow_the_field_table(env: WebEnv) -> None:
+    from memento_edge import schema
+
+    store = TOOLS["memory_store"].input_schema["properties"]
+    assert set(schema.CREATE_FIELDS) <= set(store) and store["text"]["maxLength"] == schema.MAX_TEXT_CHARS
+    assert store["importance"]["default"] == schema.DEFAULT_IMPORTANCE
+    search = TOOLS["memory_search"].input_schema["properties"]
+    assert set(schema.FILTER_FIELDS) <= set(search) and search["topk"]["maximum"] == schema.MAX_TOPK
+    assert "yesterday" in search["since"]["description"]
+    update = TOOLS["memory_update"].input_schema["properties"]
+    assert "default" not in update["importance"]  # omitted means "keep", not 0.5
+    hit = TOOLS["memory_search"].output_schema["properties"]["hits"]["items"]["properties"]
+    assert set(hit) == set(schema.HIT_FIELDS) - {"content_hash", "vector_rank", "keyword_rank"}
+
+
+def test_discovery_and_tools_list_do_not_need_the_model(tmp_path: Any) -> None:
+    env = make_env(tmp_path, embedder=MissingModelEmbedder())
+    try:
+        assert modern(env, "server/discover", who=None)[0] == 200
+        assert len(modern(env, "tools/list", who=None)[1]["result"]["tools"]) == len(TOOLS)
+        result = call(env, "memory_store", {"text": "no model here"}, who=None)
+        assert result["isError"] and result["structuredContent"]["error"]["code"] == "model_unavailable"
+    finally:
+        env.close()
+
+
+# --- the tools -------------------------------------------------------------------------------------
+def _validate_output(name: str, result: Dict[str, Any]) -> Dict[str, Any]:
+    assert result["isError"] is False, result
+    schema = TOOLS[name].output_schema
+    jsonschema.validate(result["structuredContent"], schema)
+    assert set(result["structuredContent"]) == set(schema["properties"])  # keys are the schema's, exactly
+    assert result["content"][0]["type"] == "text" and result["content"][0]["text"]
+    return result["structuredContent"]
+
+
+def test_every_tool_round_trip_matches_its_output_schema(env: WebEnv) -> None:
+    stored = _validate_output("memory_store", call(env, "memory_store", {
+        "text": "get groceries after work", "tags": ["todo"], "importance": 0.8, "metadata": {"by": "t"}}))
+    mid = stored["id"]
+    found = _validate_output("memory_search", call(env, "memory_search", {"query": "groceries", "tags_any": ["todo"]}))
+    assert found["hits"][0]["id"] == mid and found["truncated"] is False
+    assert _validate_output("memory_get", call(env, "memory_get", {"id": mid}))["tags"] == ["todo"]
+    updated = _validate_output("memory_update", call(env, "memory_update", {"id": mid, "text": "buy milk"}))
+    assert updated["text"] == "buy milk"
+    assert _validate_output("memory_recent", call(env, "memory_recent", {"limit": 5}))["items"][0]["id"] == mid
+    assert _validate_output("memory_stats", call(env, "memory_stats", {}))["memories"] == 1
+    assert _validate_output("memory_delete", call(env, "memory_delete", {"id": mid})) == {"id": mid, "deleted": True}
+    gone = call(env, "memory_get", {"id": mid})
+    assert gone["isError"] and gone["structuredContent"]["error"] == {
+        "code": "not_found", "message": f"no memory with id {mid}", "field": "id"}
+
+
+def test_results_are_capped_by_max_chars_and_say_so(env: WebEnv) -> None:
+    for n in range(30):
+        call(env, "memory_store", {"text": f"note {n} about the garden: " + "tomatoes and beans " * 40})
+    for name, args in [("memory_search", {"query": "garden tomatoes", "topk": 30}),
+                       ("memory_recent", {"limit": 30})]:
+        result = call(env, name, dict(args, max_chars=1500))
+        out = _validate_output(name, result)
+        assert out["truncated"] is True and out["omitted"] > 0
+        assert len(json.dumps(out, ensure_ascii=False, separators=(",", ":"))) <= 1500
+        assert len(result["content"][0]["text"]) <= 1500 and "truncated" in result["content"][0]["text"]
+    big = call(env, "memory_store", {"text": "long " * 2000})["structuredContent"]["id"]
+    got = _validate_output("memory_get", call(env, "memory_get", {"id": big, "max_chars": 600}))
+    assert got["truncated"] is True and got["text"].endswith("…") and len(got["text"]) < 600
+
+
+def test_idempotency_key_returns_the_first_answer_and_refuses_other_arguments(env: WebEnv) -> None:
+    first = call(env, "memory_store", {"text": "once", "idempotency_key": "k-1"})["structuredContent"]
+    again = call(env, "memory_store", {"text": "once", "idempotency_key": "k-1"})["structuredContent"]
+    assert again == first and first["created"] is True
+    other = call(env, "memory_store", {"text": "twice", "idempotency_key": "k-1"})
+    assert other["isError"] and other["structuredContent"]["error"]["code"] == "conflict"
+    assert env.memory.count() == 1
+
+
+def test_since_until_accept_relative_phrases(env: WebEnv) -> None:
+    now = datetime(2026, 12, 3, 15, 30, tzinfo=timezone.utc)
+    clock = lambda: now  # noqa: E731
+    midnight = datetime(2026, 12, 3, tzinfo=timezone.utc).timestamp()
+    assert resolve_time("yesterday", "since", clock) == midnight - 86400
+    assert resolve_time("yesterday", "until", clock) == midnight
+    assert resolve_time("last week", "since", clock) == now.timestamp() - 7 * 86400
+    assert resolve_time("3 days ago", "since", clock) == now.timestamp() - 3 * 86400
+    assert resolve_time("past 2 hours", "since", clock) == now.timestamp() - 7200
+    assert resolve_time("2026-12-01", "since", clock) == "2026-12-01"  # the engine parses ISO-8601
+    call(env, "memory_store", {"text": "old note", "created_at": "2020-01-01T00:00:00Z"})
+    call(env, "memory_store", {"text": "new note"})
+    hits = call(env, "memory_search", {"query": "note", "since": "yesterday"})["structuredContent"]["hits"]
+    assert [h["text"] for h in hits] == ["new note"]
+    hits = call(env, "memory_search", {"query": "note", "until": "last week"})["structuredContent"]["hits"]
+    assert [h["text"] for h in hits] == ["old note"]
+    bad = call(env, "memory_search", {"query": "note", "since": "the day after the party"})
+    assert bad["isError"] and bad["structuredContent"]["error"]["field"] == "filters.since"
+
+
+def test_min_score_drops_weak_hits(env: WebEnv) -> None:
+    call(env, "memory_store", {"text": "the cat sleeps on the sofa"})
+    call(env, "memory_store", {"text": "quarterly budget review"})
+    hits = call(env, "memory_search", {"query": "cat sofa", "min_score": 0.99})["structuredContent"]["hits"]
+    assert all(h["score"] >= 0.99 for h in hits) and len(hits) == 1
+
+
+def test_memory_pressure_sheds_store_and_answers_search_by_keyword(env: WebEnv) -> None:
+    call(env, "memory_store", {"text": "the cat sleeps on the sofa"})
+    env.app.extensions["memento"].governor = Governor(100, lambda: env.embedder, rss_reader=lambda: 99 * MB)
+    shed = call(env, "memory_store", {"text": "not now"})
+    assert shed["isError"] and shed["structuredContent"]["error"]["code"] == "busy"
+    assert shed["structuredContent"]["error"]["retry_after"] >= 1
+    found = call(env, "memory_search", {"query": "cat"})["structuredContent"]
+    assert found["mode"] == "keyword" and "memory pressure" in found["note"] and found["hits"]
+
+
+# --- auth, origin, limits --------------------------------------------------------------------------
+@pytest.mark.parametrize("who, headers", [(None, {}), (None, {"Authorization": "Bearer mem_wrong"})])
+def test_missing_or_wrong_token_is_401_with_www_authenticate(env: WebEnv, who: Any, headers: Any) -> None:
+    status, _, resp = modern(env, "tools/list", who=who, headers=headers)
+    assert status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_read_token_cannot_call_write_tools(env: WebEnv) -> None:
+    assert call(env, "memory_search", {"query": "x"}, who="reader")["isError"] is False
+    for name, args in [("memory_store", {"text": "x"}), ("memory_delete", {"id": 1}),
+                       ("memory_update", {"id": 1, "text": "y"})]:
+        result = call(env, name, args, who="reader")
+        assert result["isError"] and result["structuredContent"]["error"]["code"] == "forbidden", name
+    assert env.memory.count() == 0
+    assert modern(env, "tools/list", who="writer")[0] == 403  # MCP needs read: every client lists tools
+
+
+def test_foreign_origin_is_403_own_and_allowlisted_origins_pass(tmp_path: Any) -> None:
+    env = make_env(tmp_path, tokens=ALL_TOKENS, mcp_allowed_origins=["https://chat.example"])
+    try:
+        status, body, _ = modern(env, "tools/list", headers={"Origin": "http://evil.example"})
+        assert status == 403 and body["error"]["code"] == -32600 and body["id"] is None
+        assert modern(env, "tools/list", who=None, headers={"Origin": "http://evil.example"})[0] == 403
+        assert modern(env, "tools/list", headers={"Origin": "http://localhost"})[0] == 200  # the test host
+        assert modern(env, "tools/list", headers={"Origin": "https://chat.example"})[0] == 200
+    finally:
+        env.close()
+
+
+def test_rate_limit_applies_as_for_rest(tmp_path: Any) -> None:
+    env = make_env(tmp_path, tokens=ALL_TOKENS, rate_limit_per_minute=2)
+    try:
+        assert [modern(env, "tools/list")[0] for _ in range(3)] == [200, 200, 429]
+    finally:
+        env.close()
+
+
+# --- malformed and unknown -------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["GET", "DELETE", "PUT"])
+def test_other_http_methods_are_405(env: WebEnv, method: str) -> None:
+    resp = env.client.open("/mcp", method=method, headers=env.auth("rw"))
+    assert resp.status_code == 405 and "POST" in resp.headers["Allow"]
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"{not json", -32700), (b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]', -32600),
+    (b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}', -32600), (b'{"jsonrpc": "2.0", "id": 1}', -32600),
+    (b'{"jsonrpc": "2.0", "id": null, "method": "ping"}', -32600),
+    (b'{"jsonrpc": "2.0", "id": 1.5, "method": "ping"}', -32600), (b'"ping"', -32600),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": [1]}', -32602), (b"NaN", -32700)])
+def test_malformed_json_rpc_is_400_with_an_error_object(env: WebEnv, raw: bytes, code: int) -> None:
+    status, body, _ = post(env, None, raw=raw)
+    assert status == 400 and body["error"]["code"] == code
+
+
+def test_wrong_content_type_is_415(env: WebEnv) -> None:
+    resp = env.client.post("/mcp", data=b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}',
+                           headers=dict(env.auth("rw"), **{"Content-Type": "text/plain"}))
+    assert resp.status_code == 415
+
+
+def test_unknown_method_is_404_modern_and_an_error_body_legacy(env: WebEnv) -> None:
+    status, body, _ = modern(env, "resources/list")
+    assert status == 404 and body["error"]["code"] == -32601 and body["id"] == 1
+    assert modern(env, "ping")[0] == 404  # removed in 2026-07-28
+    status, body, _ = legacy(env, "prompts/list", {})
+    assert status == 200 and body["error"]["code"] == -32601 and body["id"] == 7
+
+
+def test_unknown_tool_and_non_object_arguments_are_invalid_params(env: WebEnv) -> None:
+    status, body, _ = modern(env, "tools/call", {"name": "memory_forget", "arguments": {}})
+    assert status == 400 and body["error"]["code"] == -32602 and "memory_forget" in body["error"]["message"]
+    status, body, _ = legacy(env, "tools/call", {"name": "memory_store", "arguments": ["text"]})
+    assert status == 200 and body["error"]["code"] == -32602
+
+
+@pytest.mark.parametrize("name, args, field", [
+    ("memory_store", {}, "text"), ("memory_store", {"text": 5}, "text"),
+    ("memory_store", {"text": "x", "colour": "red"}, "colour"), ("memory_store", {"text": ""}, "text"),
+    ("memory_store", {"text": "x", "importance": 2}, "importance"),
+    ("memory_search", {"query": "x", "topk": 0}, "topk"), ("memory_search", {"query": "x", "mode": "psychic"}, "mode"),
+    ("memory_search", {"query": "x", "tags_any": [1]}, "tags_any"),
+    ("memory_get", {"id": "one"}, "id"), ("memory_get", {"id": 1, "max_chars": 5}, "max_chars"),
+    ("memory_update", {"id": 1}, "id"), ("memory_recent", {"limit": 0}, "limit"),
+    ("memory_recent", {"cursor": "zz"}, "cursor")])
+def test_bad_arguments_are_tool_errors_naming_the_field(env: WebEnv, name: str, args: Any, field: str) -> None:
+    result = call(env, name, args)
+    assert result["isError"] is True and result["structuredContent"]["error"]["field"] == field, result
+    assert field in result["content"][0]["text"]
+
+
+def test_modern_envelope_and_header_checks(env: WebEnv) -> None:
+    no_meta = post(env, {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}},
+                   headers={"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list"})
+    assert no_meta[0] == 400 and no_meta[1]["error"]["code"] == -32602
+    mismatch = modern(env, "tools/list", headers={"Mcp-Method": "tools/call"})
+    assert mismatch[0] == 400 and mismatch[1]["error"]["code"] == -32020
+    wrong_name = modern(env, "tools/call", {"name": "memory_stats", "arguments": {}},
+                        headers={"Mcp-Name": "memory_store"})
+    assert wrong_name[0] == 400 and wrong_name[1]["error"]["code"] == -32020
+    encoded = modern(env, "tools/call", {"name": "memory_stats", "arguments": {}},
+                     headers={"Mcp-Name": "=?base64?bWVtb3J5X3N0YXRz?="})
+    assert encoded[0] == 200
+    future = dict(META, **{"io.modelcontextprotocol/protocolVersion": "2099-01-01"})
+    status, body, _ = post(env, {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": future}},
+                           headers={"MCP-Protocol-Version": "2099-01-01", "Mcp-Method": "tools/list"})
+    assert status == 400 and body["error"]["code"] == -32022
+    assert body["error"]["data"] == {"supported": list(SUPPORTED_VERSIONS), "requested": "2099-01-01"}
+
+
+def test_legacy_request_with_an_unserved_version_header_is_400(env: WebEnv) -> None:
+    assert legacy(env, "tools/list", {}, version="2024-11-05")[0] == 400
+
+
+def test_web_page_shows_the_mcp_url_and_ready_commands(env: WebEnv) -> None:
+    page = env.client.get("/", base_url="http://memento-pi.local:8077").get_data(as_text=True)
+    assert "<code id=\"mcp-url\">http://memento-pi.local:8077/mcp</code>" in page
+    assert "claude mcp add --transport http memento http://memento-pi.local:8077/mcp --header" in page
+    assert '"args": ["mcp", "--url", "http://memento-pi.local:8077"]' in page
+
+
+# --- fuzzing: whatever arrives, the answer is a JSON-RPC answer, never a 500 or an internal error --------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SCALARS = (st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70)
+            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+
+
+def _arguments(tool: str) -> Any:
+    props = list(TOOLS[tool].input_schema["properties"])
+    keys = st.sampled_from(props) | st.text(max_size=8) if props else st.text(max_size=8)
+    return st.dictionaries(keys, _JSON, max_size=5)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tool=st.sampled_from(list(TOOLS)), args=st.data())
+def test_fuzzed_tool_arguments_get_a_result_or_a_tool_error(env: WebEnv, tool: str, args: Any) -> None:
+    arguments = args.draw(_arguments(tool))
+    status, body, _ = modern(env, "tools/call", {"name": tool, "arguments": arguments})
+    assert status == 200, body
+    result = body["result"]
+    if result["isError"]:
+        assert result["structuredContent"]["error"]["code"] in ("invalid_input", "not_found", "conflict"), result
+    else:
+        jsonschema.validate(result["structuredContent"], TOOLS[tool].output_schema)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_JSON, version=st.sampled_from([None, MODERN, "2025-06-18", "1999-01-01"]),
+       method=st.sampled_from(["tools/call", "tools/list", "initialize", "server/discover", "x"]))
+def test_fuzzed_messages_never_fail_internally(env: WebEnv, body: Any, version: Any, method: str) -> None:
+    if isinstance(body, dict) and body:
+        body = dict(body, jsonrpc="2.0", method=method)  # near-valid envelopes reach the dispatcher
+    headers = {"MCP-Protocol-Version": version, "Mcp-Method": method} if version else {}
+    status, answer, _ = post(env, body, headers=headers)
+    assert status in (200, 202, 400, 404), (status, answer)
+    if answer is not None:
+        assert answer["jsonrpc"] == "2.0" and answer.get("error", {}).get("code") != -32603, answer
