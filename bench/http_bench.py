@@ -287,8 +287,14 @@ def mcp_search(query: str, i: int) -> Tuple[str, str, Any, Dict[str, str]]:
 
 def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int, int], Tuple[Any, ...]],
            expect: int) -> Dict[str, Any]:
-    """``clients`` threads send ``make_request(client_no, i)`` for ``seconds``; latency stats of the lot."""
+    """``clients`` threads send ``make_request(client_no, i)`` for ``seconds``; latency stats of the lot.
+
+    ``make_request`` returns ``(method, path, body)``, optionally followed by extra headers and a label;
+    with several labels the result also has ``by_label`` (interleaved A/B comparisons share one phase, so
+    both sides see the same machine load).
+    """
     latencies: List[List[float]] = [[] for _ in range(clients)]
+    labels: List[List[str]] = [[] for _ in range(clients)]
     took: List[List[float]] = [[] for _ in range(clients)]  # the engine's own took_ms (recall only)
     errors: List[str] = []
     start_barrier = threading.Barrier(clients + 1)
@@ -304,7 +310,7 @@ def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int,
                 method, path, body, *extra = make_request(n, i)
                 t0 = time.perf_counter()
                 try:
-                    status, payload = client.call(method, path, body, *extra)
+                    status, payload = client.call(method, path, body, *extra[:1])
                 except (OSError, http.client.HTTPException) as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
                     continue
@@ -313,6 +319,7 @@ def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int,
                     errors.append(f"HTTP {status}: {str(payload)[:200]}")
                     continue
                 latencies[n].append(dt)
+                labels[n].append(extra[1] if len(extra) > 1 else "")
                 if isinstance(payload, dict) and isinstance(payload.get("took_ms"), (int, float)):
                     took[n].append(float(payload["took_ms"]))
         finally:
@@ -329,7 +336,14 @@ def _phase(port: int, clients: int, seconds: float, make_request: Callable[[int,
     elapsed = time.monotonic() - t_start
     lat = sorted(x for per in latencies for x in per)
     engine = sorted(x for per in took for x in per)
+    by_label: Dict[str, List[float]] = {}
+    for per_lat, per_label in zip(latencies, labels):
+        for dt, label in zip(per_lat, per_label):
+            by_label.setdefault(label, []).append(dt)
+    split = {label: {"requests": len(v), "p50_ms": round(_percentile(sorted(v), 50), 2),
+                     "p95_ms": round(_percentile(sorted(v), 95), 2)} for label, v in by_label.items()}
     return {
+        **({"by_label": split} if len(split) > 1 else {}),
         "clients": clients,
         "requests": len(lat),
         "errors": len(errors),
@@ -442,8 +456,13 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
             return "POST", "/v1/recall", {"query": queries[(n * 997 + i) % len(queries)], "topk": 5,
                                           "mode": "hybrid"}
 
-        def mcp_request(n: int, i: int) -> Tuple[str, str, Any, Dict[str, str]]:
-            return mcp_search(mcp_queries[(n * 997 + i) % len(mcp_queries)], i)
+        def mcp_request(n: int, i: int) -> Tuple[Any, ...]:
+            # REST recall and MCP memory_search alternate on every connection: both sides see the same
+            # load, which a shared 2-core machine varies from one phase to the next.
+            query = mcp_queries[(n * 997 + i) % len(mcp_queries)]
+            if i % 2:
+                return "POST", "/v1/recall", {"query": query, "topk": 5, "mode": "hybrid"}, None, "rest"
+            return (*mcp_search(query, i), "mcp")
 
         def remember_request(n: int, i: int) -> Tuple[str, str, Any]:
             with text_lock:
@@ -462,7 +481,7 @@ def run(memories: int = 10_000, seconds: float = 10.0, clients: Sequence[int] = 
         log(f"healthz (HTTP floor): p50 {ph['p50_ms']} ms, {ph['throughput_rps']} req/s")
         phases.append(ph)
         for c in clients:
-            for kind, fn, expect in (("recall", recall_request, 200), ("mcp_search", mcp_request, 200),
+            for kind, fn, expect in (("recall", recall_request, 200), ("recall_vs_mcp", mcp_request, 200),
                                      ("remember", remember_request, 201)):
                 sampler.mark(f"{kind}-{c}")
                 log(f"{kind} with {c} client(s) for {seconds:g} s ...")
@@ -537,13 +556,14 @@ def _checks(result: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _mcp_checks(phases: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """MCP search vs REST recall at each client count: the worst p50 gap and the worst RSS gap."""
+    """MCP memory_search vs REST recall: the worst p50 gap of the interleaved phases, and the worst RSS gap
+    between an interleaved phase and the REST-only recall phase before it (same client count)."""
     by = {(p["kind"], p["clients"]): p for p in phases}
-    pairs = [(by[("recall", c)], by[("mcp_search", c)]) for k, c in by if k == "mcp_search" and ("recall", c) in by]
+    pairs = [(by[("recall", c)], by[(k, c)]) for k, c in by if k == "recall_vs_mcp" and ("recall", c) in by]
     if not pairs:
         return {}
-    gap = max(round(m["p50_ms"] - r["p50_ms"], 2) for r, m in pairs)
-    rss = max(round(m["server_rss_mb_max"] - r["server_rss_mb_max"], 1) for r, m in pairs)
+    gap = max(round(ab["by_label"]["mcp"]["p50_ms"] - ab["by_label"]["rest"]["p50_ms"], 2) for _, ab in pairs)
+    rss = max(round(ab["server_rss_mb_max"] - r["server_rss_mb_max"], 1) for r, ab in pairs)
     return {name: {"value": v, "target": TARGETS[name], "ok": v <= TARGETS[name]}
             for name, v in (("mcp_search_p50_over_recall_ms", gap), ("mcp_rss_over_recall_mb", rss))}
 
@@ -573,8 +593,12 @@ def to_markdown(result: Dict[str, Any]) -> str:
         lines.append(f"| {ph['kind']} | {ph['clients']} | {ph['p50_ms']} | {ph['p95_ms']} | {ph['p99_ms']} | "
                      f"{ph['throughput_rps']} | {ph['errors']} | {'' if engine is None else engine} | "
                      f"{ph['server_rss_mb_max']} |")
+        for label, st in sorted(ph.get("by_label", {}).items()):
+            lines.append(f"| - of which {label} | {ph['clients']} | {st['p50_ms']} | {st['p95_ms']} | | | | | |")
     lines += ["", "engine p50 = `took_ms` reported by the server for recall (time inside `Memory.recall`); "
-              "the difference to p50 is HTTP, JSON, auth and waiting for a worker thread."]
+              "the difference to p50 is HTTP, JSON, auth and waiting for a worker thread. recall_vs_mcp "
+              "alternates REST `POST /v1/recall` and MCP `tools/call memory_search` (same arguments, "
+              "2026-07-28) on every connection, so both see the same load."]
     hostile = result.get("hostile")
     if hostile:
         a = hostile["attack"]
