@@ -190,6 +190,9 @@ def test_since_until_accept_relative_phrases(env: WebEnv) -> None:
     assert [h["text"] for h in hits] == ["new note"]
     hits = call(env, "memory_search", {"query": "note", "until": "last week"})["structuredContent"]["hits"]
     assert [h["text"] for h in hits] == ["old note"]
+    call(env, "memory_store", {"text": "note for the day", "collection": "today"})
+    hits = call(env, "memory_search", {"query": "note", "collection": "today"})["structuredContent"]["hits"]
+    assert [h["text"] for h in hits] == ["note for the day"]  # only since/until are read as times
     bad = call(env, "memory_search", {"query": "note", "since": "the day after the party"})
     assert bad["isError"] and bad["structuredContent"]["error"]["field"] == "filters.since"
 

@@ -249,7 +249,7 @@ def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
     max_chars = _max_chars(args)
     min_score = args.pop("min_score", None)
     kwargs: Dict[str, Any] = {k: args.pop(k) for k in ("query", "topk", "mode") if k in args}
-    filters = {k: resolve_time(v, k) for k, v in args.items() if v is not None}
+    filters = {k: resolve_time(v, k) if k in ("since", "until") else v for k, v in args.items() if v is not None}
     result = _recall(ctx, dict(kwargs, filters=filters))
     hits = [_hit(h) for h in result.hits if min_score is None or h.score >= min_score]
     payload = cap_entries({"query": result.query, "mode": result.mode, "note": result.note, "hits": hits},
