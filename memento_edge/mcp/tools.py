@@ -159,6 +159,11 @@ def cap_entries(payload: Dict[str, Any], key: str, max_chars: int) -> Dict[str, 
     return out
 
 
+def _count(n: int, noun: str) -> str:
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{n} {noun if n == 1 else plural}"
+
+
 def _one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[:limit - 1] + _ELLIPSIS
@@ -254,7 +259,7 @@ def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
     hits = [_hit(h) for h in result.hits if min_score is None or h.score >= min_score]
     payload = cap_entries({"query": result.query, "mode": result.mode, "note": result.note, "hits": hits},
                           "hits", max_chars)
-    head = f"{len(hits)} memories for {json.dumps(result.query, ensure_ascii=False)} ({result.mode} search)"
+    head = f"{_count(len(hits), 'memory')} for {json.dumps(result.query, ensure_ascii=False)} ({result.mode} search)"
     if result.note:
         head += f"; note: {result.note}"
     if not hits:
@@ -304,7 +309,8 @@ def _recent(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
                              cursor=args.get("cursor"))
     items = [_record(r) for r in page.items]
     payload = cap_entries({"items": items, "next_cursor": page.next_cursor}, "items", max_chars)
-    head = f"{len(items)} most recent memories" + (" (more: pass next_cursor)" if page.next_cursor else "")
+    more = " (more: pass next_cursor)" if page.next_cursor else ""
+    head = f"{len(items)} most recent {'memory' if len(items) == 1 else 'memories'}{more}"
     return payload, _render_entries(head + ":", payload["items"], payload, max_chars)
 
 
@@ -314,7 +320,8 @@ def _stats(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]
     clock = info.get("clock") or {}
     out["clock_trusted"] = bool(clock.get("trusted", True))
     cols = ", ".join(f"{k} ({v})" for k, v in sorted((out["collections"] or {}).items()))
-    text = (f"{out['memories']} memories in {len(out['collections'] or {})} collections ({cols}); database "
+    text = (f"{_count(out['memories'] or 0, 'memory')} in {_count(len(out['collections'] or {}), 'collection')} "
+            f"({cols}); database "
             f"{(out['db_bytes'] or 0) / 1e6:.1f} MB; model {out['model_state']}; vector index "
             f"{out['vector_backend']}; clock {'trusted' if out['clock_trusted'] else 'NOT trusted'}.")
     return out, text
