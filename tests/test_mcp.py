@@ -235,7 +235,9 @@ def test_foreign_origin_is_403_own_and_allowlisted_origins_pass(tmp_path: Any) -
     env = make_env(tmp_path, tokens=ALL_TOKENS, mcp_allowed_origins=["https://chat.example"])
     try:
         status, body, _ = modern(env, "tools/list", headers={"Origin": "http://evil.example"})
-        assert status == 403 and body["error"]["code"] == -32600 and body["id"] is None
+        assert status == 403 and body["error"]["code"] == "cross_site"
+        assert modern(env, "tools/list", headers={"Origin": "https://chat.example",
+                                                  "Sec-Fetch-Site": "cross-site"})[0] == 200
         assert modern(env, "tools/list", who=None, headers={"Origin": "http://evil.example"})[0] == 403
         assert modern(env, "tools/list", headers={"Origin": "http://localhost"})[0] == 200  # the test host
         assert modern(env, "tools/list", headers={"Origin": "https://chat.example"})[0] == 200

@@ -29,7 +29,6 @@ def _json(schema: Dict[str, Any], description: str) -> Dict[str, Any]:
 def mcp_path() -> Dict[str, Any]:
     """The path item of ``/mcp`` (POST only; GET and DELETE answer 405)."""
     rpc = {"$ref": "#/components/schemas/McpMessage"}
-    either = {"oneOf": [rpc, {"$ref": "#/components/schemas/Error"}]}
     ref = lambda name: {"$ref": f"#/components/responses/{name}"}  # noqa: E731
     return {"post": {
         "operationId": "mcp", "summary": "Model Context Protocol endpoint (JSON-RPC 2.0)",
@@ -44,7 +43,7 @@ def mcp_path() -> Dict[str, Any]:
             "202": {"description": "A notification was accepted (no body)."},
             "400": _json(rpc, "Malformed JSON-RPC, header mismatch, unsupported protocol version."),
             "401": ref("Unauthorized"),
-            "403": _json(either, "Foreign Origin (JSON-RPC error) or a token without the read scope."),
+            "403": ref("Forbidden"),
             "404": _json(rpc, "Unknown method (2026-07-28)."),
             "406": _json(rpc, "Accept does not allow application/json."),
             "413": ref("PayloadTooLarge"),

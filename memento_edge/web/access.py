@@ -36,6 +36,15 @@ def requires(scope: Optional[str]) -> Callable[[View], View]:
     return mark
 
 
+def origins_from(setting: str) -> Callable[[View], View]:
+    """Let browser pages on the origins listed in ``setting`` call this view besides the service's own page
+    (``mcp_allowed_origins`` for ``POST /mcp``, as the MCP transport asks for an Origin allowlist)."""
+    def mark(fn: View) -> View:
+        fn.origins_setting = setting  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
 def query_params(*names: str) -> Callable[[View], View]:
     """Declare the query parameters a /v1 view takes; any other one is refused (400), like unknown body
     fields: a misspelt ``?colection=`` must not silently widen a query."""
@@ -76,7 +85,9 @@ def _before() -> Optional[Response]:
     view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
     if view is None or request.endpoint == "static":
         return None  # 404/405 and static files: nothing to protect
-    check_cross_site(request)  # every state-changing route, before anything reads the body
+    setting = getattr(view, "origins_setting", None)
+    # Every state-changing route, before anything reads the body.
+    check_cross_site(request, getattr(st.settings, setting) if setting else ())
     if st.check_host and not _host_is_loopback(request.host):
         raise ApiError(403, "forbidden", "this service has no token configured and answers only to "
                        "localhost host names (DNS-rebinding protection)")

@@ -9,6 +9,7 @@ cannot send without a preflight this service never grants. Agents and curl send 
 """
 from __future__ import annotations
 
+from typing import Collection
 from urllib.parse import urlsplit
 
 from flask import Request
@@ -20,12 +21,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _ALLOWED_FETCH_SITES = frozenset({"same-origin", "none"})
 
 
-def check_cross_site(request: Request) -> None:
-    """Raise 403 when a state-changing request comes from a page of another origin."""
+def check_cross_site(request: Request, allowed_origins: Collection[str] = ()) -> None:
+    """Raise 403 when a state-changing request comes from a page of another origin (one of
+    ``allowed_origins`` - exact ``scheme://host[:port]`` - counts as this service's own)."""
     if request.method in SAFE_METHODS:
         return
     origin = request.headers.get("Origin")
-    same_origin = origin is not None and _origin_is_host(origin, request.host)
+    same_origin = origin is not None and (origin in allowed_origins or _origin_is_host(origin, request.host))
     fetch_site = request.headers.get("Sec-Fetch-Site")
     if fetch_site is not None and fetch_site not in _ALLOWED_FETCH_SITES and not same_origin:
         raise _refuse(f"Sec-Fetch-Site: {fetch_site[:40]}")

@@ -1,23 +1,23 @@
 """``POST /mcp`` on the Flask app: the Streamable HTTP transport, answering every request with one JSON body.
 
-The app's own hooks apply first, exactly as for REST: the Host check of an open loopback service, the bearer
-token (401 with ``WWW-Authenticate: Bearer``), the rate limit, and the ``read`` scope every MCP client needs
-(write tools also need ``write``, checked per call). Before them, :func:`_check_origin` turns away browsers
-on foreign origins (403), as the transport specification requires against DNS rebinding: requests without
-``Origin`` (every non-browser client), from the service's own page, or from an origin in
-``mcp_allowed_origins`` pass. GET and DELETE answer 405: no stream and no session to open or close.
+The app's own hooks apply first, exactly as for REST: the cross-site check (a browser page on a foreign
+``Origin`` gets 403, as the transport specification requires against DNS rebinding; requests without
+``Origin`` - every non-browser client -, the service's own page and the origins in ``mcp_allowed_origins``
+pass), the Host check of an open loopback service, the bearer token (401 with ``WWW-Authenticate:
+Bearer``), the rate limit, and the ``read`` scope every MCP client needs (write tools also need ``write``,
+checked per call). GET and DELETE answer 405: no stream and no session to open or close.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 from flask import Flask, Response, current_app, g, jsonify, request
 
 from ..mcp.protocol import Reply, handle
 from ..mcp.tools import ToolContext
 from ..mcp.wire import INVALID_REQUEST, PARSE_ERROR, error_body
-from .access import requires
+from .access import origins_from, requires
 from .state import EXT
 
 PATH = "/mcp"
@@ -35,18 +35,8 @@ def _json_reply(reply: Reply) -> Response:
     return resp
 
 
-def _check_origin() -> Optional[Response]:
-    if request.path != PATH:
-        return None
-    origin = request.headers.get("Origin")
-    allowed = current_app.extensions[EXT].settings.mcp_allowed_origins
-    if origin is None or origin in allowed or origin == f"{request.scheme}://{request.host}":
-        return None
-    return _json_reply(Reply(403, error_body(INVALID_REQUEST, f"Origin {origin!r} is not allowed; add it to "
-                                                              "mcp_allowed_origins to let that page in")))
-
-
 @requires("read")
+@origins_from("mcp_allowed_origins")
 def mcp_endpoint() -> Response:
     """One JSON-RPC request or notification in, one JSON-RPC response (or 202) out."""
     st = current_app.extensions[EXT]
@@ -68,6 +58,5 @@ def mcp_endpoint() -> Response:
 
 
 def register(app: Flask) -> None:
-    """Add ``POST /mcp`` and its Origin check (run before the app's auth hook) to ``app``."""
+    """Add ``POST /mcp`` to ``app``."""
     app.add_url_rule(PATH, "mcp", mcp_endpoint, methods=["POST"])
-    app.before_request_funcs.setdefault(None, []).insert(0, _check_origin)
