@@ -35,6 +35,12 @@ class _State:
 
         return Memory(self.settings(), **kwargs)
 
+    def config_path(self) -> str:
+        """The config file token commands change: the named one, else the one the CLI reads."""
+        from .config import default_config_file
+
+        return self.config or os.environ.get("MEMENTO_CONFIG") or str(default_config_file())
+
     def json_out(self) -> bool:
         return self.as_json if self.as_json is not None else not sys.stdout.isatty()
 
@@ -106,7 +112,8 @@ def _json_arg(value: Optional[str], name: str) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="memento-edge")
 @click.option("--config", "config", type=click.Path(dir_okay=False), envvar="MEMENTO_CONFIG",
-              help="YAML config file (default /etc/memento-edge/config.yaml when it exists).")
+              help="YAML config file (default: the first that exists of <venv>/etc/memento-edge/config.yaml, "
+                   "$XDG_CONFIG_HOME/memento-edge/config.yaml (not for root), /etc/memento-edge/config.yaml).")
 @click.option("--home", help="State directory (MEMENTO_HOME).")
 @click.option("--db", help="Database file (MEMENTO_DB).")
 @click.option("--model-dir", help="Model directory (MEMENTO_MODEL_DIR).")
@@ -503,7 +510,7 @@ def token_create(state: _State, name: str, scopes: List[str], print_only: bool) 
         click.echo(secret)
         click.echo(json.dumps(entry), err=True)
         return
-    path = state.config or os.environ.get("MEMENTO_CONFIG") or "/etc/memento-edge/config.yaml"
+    path = state.config_path()
     add_token_to_config(path, entry)
     click.echo(secret)
     click.echo(f"token {name!r} ({', '.join(scopes)}) added to {path}; it is shown only this once.", err=True)

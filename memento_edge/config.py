@@ -9,13 +9,53 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import InvalidInput
 
-DEFAULT_CONFIG_FILE = "/etc/memento-edge/config.yaml"
+DEFAULT_CONFIG_FILE = "/etc/memento-edge/config.yaml"  # the system file (the appliance's, root's default)
+
+
+def user_config_file(env: Optional[Mapping[str, str]] = None) -> Path:
+    """A user's own config file: ``$XDG_CONFIG_HOME/memento-edge/config.yaml`` (~/.config/...)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "memento-edge" / "config.yaml"
+
+
+def venv_config_file() -> Optional[Path]:
+    """``<venv>/etc/memento-edge/config.yaml`` when running in a virtualenv, else None.
+
+    ``scripts/setup`` writes it (``model_dir`` of the model it built), so a checkout's
+    ``.venv/bin/memento-edge`` finds that model; like pip's per-environment ``<venv>/pip.conf``.
+    """
+    if sys.prefix == getattr(sys, "base_prefix", sys.prefix):
+        return None
+    return Path(sys.prefix) / "etc" / "memento-edge" / "config.yaml"
+
+
+def _is_root() -> bool:
+    geteuid = getattr(os, "geteuid", None)
+    return bool(geteuid and geteuid() == 0)
+
+
+def config_search_path(env: Optional[Mapping[str, str]] = None) -> List[Path]:
+    """Files tried, in order, when no config file is named: the virtualenv's, the user's (not for root),
+    the system's. The first that exists is read; only one file is ever read."""
+    found = [venv_config_file()] + ([] if _is_root() else [user_config_file(env)]) + [Path(DEFAULT_CONFIG_FILE)]
+    return [p for p in found if p is not None]
+
+
+def default_config_file(env: Optional[Mapping[str, str]] = None) -> Path:
+    """The config file used when none is named: the first of :func:`config_search_path` that exists, else
+    where a new one belongs (the user's file, or the system's for root) - ``token create`` writes there."""
+    for path in config_search_path(env):
+        if path.is_file():
+            return path
+    return Path(DEFAULT_CONFIG_FILE) if _is_root() else user_config_file(env)
 
 
 @dataclass(frozen=True)
@@ -197,15 +237,15 @@ class Settings:
              **overrides: Any) -> "Settings":
         """Resolve settings from defaults, the YAML file, ``MEMENTO_*`` variables and ``overrides``.
 
-        ``config_file`` defaults to ``$MEMENTO_CONFIG`` or ``/etc/memento-edge/config.yaml``; a missing
-        default file is fine, a missing explicitly named one is an error, and ``MEMENTO_CONFIG=""`` reads
-        no file.
+        ``config_file`` defaults to ``$MEMENTO_CONFIG`` or :func:`default_config_file` (the virtualenv's,
+        the user's or ``/etc/memento-edge/config.yaml``); a missing default file is fine, a missing
+        explicitly named one is an error, and ``MEMENTO_CONFIG=""`` reads no file.
         """
         env = os.environ if env is None else env
         explicit = config_file or env.get("MEMENTO_CONFIG")
         # MEMENTO_CONFIG set but empty means "no config file at all" (tests, throwaway runs).
         no_file = not config_file and env.get("MEMENTO_CONFIG") == ""
-        path = explicit or DEFAULT_CONFIG_FILE
+        path = explicit or str(default_config_file(env))
         values: Dict[str, Any] = {}
         used_file: Optional[str] = None
         if no_file:

@@ -24,6 +24,11 @@ def _isolated_state(tmp_path, monkeypatch):
     for var in ("MEMENTO_DB", "MEMENTO_MODEL_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    # Not the config scripts/setup leaves in .venv either: a test names the settings it wants.
+    from memento_edge import config
+
+    monkeypatch.setattr(config, "venv_config_file", lambda: None)
     yield
 
 

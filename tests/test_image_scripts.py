@@ -20,7 +20,7 @@ SCRIPTS = ["image/build.sh", "image/rootfs.sh", "image/boot-test.sh", "image/boo
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_have_no_shellcheck_warnings(script: str) -> None:
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+        pytest.fail("shellcheck not installed: run scripts/setup --test (it installs it)")
     proc = subprocess.run(["shellcheck", "-S", "warning", "-x", script], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout

@@ -52,7 +52,7 @@ def test_script_rejects_unknown_argument(script: str) -> None:
 @pytest.mark.parametrize("script", SCRIPTS + ["lib.sh"])
 def test_shell_scripts_are_shellcheck_clean(script: str) -> None:
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+        pytest.fail("shellcheck not installed: run scripts/setup --test (it installs it)")
     proc = subprocess.run(["shellcheck", "-x", script], cwd=QEMU_DIR, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout
