@@ -29,6 +29,8 @@ import os
 import re
 import secrets
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -184,6 +186,35 @@ def remove_token_from_config(config_path: Union[str, Path], name: str) -> Path:
     return path
 
 
+def list_tokens(config_path: Union[str, Path]) -> List[Dict[str, Any]]:
+    """The ``{name, scopes}`` of every token in the config file (never the digests); [] without a file."""
+    path = Path(config_path).expanduser()
+    _text, data = _read_config(path)
+    table = TokenTable(data.get("tokens") or ())  # validates, so a broken entry is reported, not listed
+    return [{"name": p.name, "scopes": sorted(p.scopes, key=SCOPES.index)} for p in table.principals]
+
+
+def rotate_token_in_config(config_path: Union[str, Path], name: str) -> Tuple[str, Dict[str, Any]]:
+    """Give the token ``name`` a new secret (same name and scopes); the old secret stops working.
+
+    Returns ``(token_plaintext, entry)`` like :func:`create_token`. Raises :class:`NotFound` if there is
+    no such token. Atomic rewrite (comments are lost).
+    """
+    import yaml
+
+    path = Path(config_path).expanduser()
+    _text, data = _read_config(path)
+    tokens = data.get("tokens") or []
+    for i, old in enumerate(tokens):
+        if isinstance(old, dict) and old.get("name") == name:
+            secret, entry = create_token(name, old.get("scopes") or ())
+            tokens[i] = entry
+            data["tokens"] = tokens
+            _write_atomic(path, yaml.safe_dump(data, default_flow_style=False, sort_keys=False))
+            return secret, entry
+    raise NotFound(f"no token named {name!r} in {path}", field="name")
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who made a request: a configured token's name and scopes, or ``anonymous`` when auth is off."""
@@ -227,6 +258,11 @@ class TokenTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def principals(self) -> List[Principal]:
+        """The configured principals, in config order."""
+        return [p for _, p in self._entries]
 
     def verify(self, token: str) -> Optional[Principal]:
         """The principal owning ``token``, or None. Runs in time independent of which entry matches."""
@@ -290,3 +326,68 @@ def check_bind(settings: Any) -> str:
         "with `memento-edge token create --name NAME --scope read --scope write`, or bind 127.0.0.1, or "
         "pass --insecure-no-auth (anyone on the network could then read and change every memory)",
         field="host")
+
+
+class LiveTokens:
+    """The token table of a running service, following its config file.
+
+    A token added, revoked or rotated with the CLI takes effect without a restart: :meth:`table` re-reads
+    the file when its mtime, size or inode changed (checked at most every ``interval`` seconds, a
+    ``stat`` per check), and :meth:`reload` forces it (SIGHUP). A file that no longer parses keeps the
+    previous table and logs why. Without a config file (tokens given in code) the table never changes.
+
+    Once a service has required tokens it keeps requiring them: revoking the last token leaves every
+    request refused (401) rather than opening the API to the network.
+    """
+
+    def __init__(self, entries: Iterable[Mapping[str, Any]], config_file: Optional[str],
+                 *, interval: float = 1.0) -> None:
+        self._table = TokenTable(entries)
+        self._path = Path(config_file) if config_file else None
+        self._interval = interval
+        self._checked = time.monotonic()
+        self._stamp = self._file_stamp()
+        self._lock = threading.Lock()
+        self.required = self._table.enabled
+
+    def _file_stamp(self) -> Optional[Tuple[int, int, int]]:
+        if self._path is None:
+            return None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def table(self) -> TokenTable:
+        """The current table (re-read first if the file changed since the last check)."""
+        if self._path is not None and time.monotonic() - self._checked >= self._interval:
+            with self._lock:
+                self._checked = time.monotonic()
+                if self._file_stamp() != self._stamp:
+                    self._load()
+        return self._table
+
+    def reload(self) -> None:
+        """Re-read the config file now (the SIGHUP handler)."""
+        if self._path is not None:
+            with self._lock:
+                self._load()
+
+    def _load(self) -> None:
+        assert self._path is not None
+        self._stamp = self._file_stamp()
+        try:
+            _text, data = _read_config(self._path)
+            table = TokenTable(data.get("tokens") or ())
+        except InvalidInput as exc:
+            log.error("config %s: %s; keeping the %d token(s) loaded before", self._path, exc.message,
+                      len(self._table))
+            return
+        before = {p.name for p in self._table.principals}
+        after = {p.name for p in table.principals}
+        self._table = table
+        self.required = self.required or table.enabled
+        log.info("tokens reloaded from %s: %d configured%s%s", self._path, len(table),
+                 f", added {', '.join(sorted(after - before))}" if after - before else "",
+                 f", removed {', '.join(sorted(before - after))}" if before - after else "")

@@ -5,18 +5,19 @@ Output is a table for people on a terminal and JSON when piped or with ``--json`
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 import click
 
 from . import __version__
 from .config import SETTINGS, Settings
-from .errors import InvalidInput, MementoError
+from .errors import InvalidInput, MementoError, NotFound
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,10 +31,16 @@ class _State:
     def settings(self, **more: Any) -> Settings:
         return Settings.load(config_file=self.config, **{**self.overrides, **more})
 
-    def memory(self, **kwargs: Any) -> Any:
+    def memory(self, *, create: bool = False, **kwargs: Any) -> Any:
+        """Open the store; only commands that add memories (``create``) may make a new database file."""
         from .memory import Memory  # lazy: keeps `--help` and `model build` free of onnxruntime
 
-        return Memory(self.settings(), **kwargs)
+        settings = self.settings()
+        if not create and not settings.db_path.exists():
+            # A mistyped --db must not leave an empty database behind and answer "(nothing)".
+            raise NotFound(f"no database at {settings.db_path} (`remember` or `import` creates one; "
+                           "check --db / --home)", field="db")
+        return Memory(settings, **kwargs)
 
     def config_path(self) -> str:
         """The config file token commands change: the named one, else the one the CLI reads."""
@@ -53,8 +60,7 @@ def _errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MementoError as exc:
-            where = f" [{exc.field}]" if exc.field else ""
-            raise click.ClickException(f"{exc.message}{where}") from None
+            raise click.ClickException(exc.message) from None  # the message names the field itself
         except OSError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -95,9 +101,97 @@ def _records_table(items: Iterable[Dict[str, Any]], score: bool = False) -> None
         click.echo("(nothing)")
 
 
-def _progress_bar(label: str, total: Optional[int]) -> Any:
-    return click.progressbar(length=total or 0, label=label, file=sys.stderr,
-                             show_pos=True, show_percent=total is not None)
+def _progress_bar(label: str, total: int) -> Any:
+    return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_percent=True)
+
+
+class _Counter:
+    """Progress when the total is unknown (an import from a pipe): ``importing: 1,234`` on a terminal."""
+
+    def __init__(self, label: str, file: Any = None) -> None:
+        self.label = label
+        self.file = file if file is not None else sys.stderr
+        self.pos = 0
+        self._live = bool(getattr(self.file, "isatty", lambda: False)())
+
+    def __enter__(self) -> "_Counter":
+        return self
+
+    def update(self, n: int) -> None:
+        """Add ``n`` to the count and redraw the line."""
+        self.pos += n
+        if self._live:
+            self.file.write(f"\r{self.label}: {self.pos:,}")
+            self.file.flush()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live:
+            self.file.write("\n")
+            self.file.flush()
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: Optional[bool]) -> None:
+    state = ctx.find_object(_State)
+    if value is not None and state is not None:
+        state.as_json = value
+
+
+class _Command(click.Command):
+    """A command that also takes ``--json/--no-json`` after its name (``recall "x" --json``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--json/--no-json"], default=None, expose_value=False,
+                                        callback=_set_json,
+                                        help="JSON output (default: when not a terminal)."))
+
+
+class _Group(click.Group):
+    """The command tree: subcommands are :class:`_Command`; usage errors are one line and exit 1."""
+
+    command_class = _Command
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the CLI. Errors of every kind print one ``Error: ...`` line on stderr and exit with 1."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{where}", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+_Group.group_class = _Group
+
+
+def _refuse_nul(value: Any, name: str) -> None:
+    """Refuse NUL characters anywhere in ``value`` (strings, lists, dict keys), as the HTTP API does."""
+    if isinstance(value, str):
+        bad = "\x00" in value
+    elif isinstance(value, dict):
+        bad = any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    else:
+        bad = isinstance(value, list) and any(_has_nul(v) for v in value)
+    if bad:
+        raise InvalidInput(f"{name} must not contain NUL characters", field=name)
+
+
+def _has_nul(value: Any) -> bool:
+    try:
+        _refuse_nul(value, "")
+    except InvalidInput:
+        return True
+    return False
 
 
 def _json_arg(value: Optional[str], name: str) -> Any:
@@ -109,7 +203,7 @@ def _json_arg(value: Optional[str], name: str) -> Any:
         raise InvalidInput(f"--{name} is not valid JSON: {exc}", field=name) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="memento-edge")
 @click.option("--config", "config", type=click.Path(dir_okay=False), envvar="MEMENTO_CONFIG",
               help="YAML config file (default: the first that exists of <venv>/etc/memento-edge/config.yaml, "
@@ -145,10 +239,14 @@ def remember(state: _State, text: Optional[str], collection: str, tags: List[str
     if text is None or text == "-":
         if sys.stdin.isatty():
             raise InvalidInput("give TEXT or pipe it on standard input", field="text")
-        text = sys.stdin.read()
-    with state.memory() as mem:
+        # A piped note keeps no trailing newline: typed and piped, the same note is the same memory.
+        text = sys.stdin.read().rstrip("\r\n")
+    meta = _json_arg(metadata, "metadata")
+    _refuse_nul(text, "text")
+    _refuse_nul(meta, "metadata")
+    with state.memory(create=True) as mem:
         res = mem.remember(text, collection=collection, tags=tags, source=source, session_id=session_id,
-                           importance=importance, metadata=_json_arg(metadata, "metadata"))
+                           importance=importance, metadata=meta)
     _emit(state, res.to_dict(),
           lambda d: click.echo(f"stored #{d['id']}" if d["created"] else f"already stored as #{d['id']}"))
 
@@ -233,9 +331,11 @@ def update(state: _State, memory_id: int, text: Optional[str], collection: Optio
            source: Optional[str], session_id: Optional[str], importance: Optional[float],
            metadata: Optional[str]) -> None:
     """Change fields of a memory."""
+    meta = _json_arg(metadata, "metadata")
+    _refuse_nul(meta, "metadata")
     with state.memory() as mem:
         rec = mem.update(memory_id, text=text, collection=collection, tags=list(tags) or None, source=source,
-                         session_id=session_id, importance=importance, metadata=_json_arg(metadata, "metadata"))
+                         session_id=session_id, importance=importance, metadata=meta)
     _emit(state, rec.to_dict(), _record_human)
 
 
@@ -293,6 +393,8 @@ def stats(state: _State) -> None:
         if d.get("model_error"):
             rows.append(["model error", d["model_error"]])
         _table(rows, ["", ""])
+        if d.get("vector_note"):
+            click.secho(f"note: {d['vector_note']}", fg="yellow", err=True)
 
     _emit(state, info, human)
 
@@ -308,6 +410,7 @@ def export_cmd(state: _State, dest: str) -> None:
         if dest == "-":
             n = mem.export_jsonl(sys.stdout)
         else:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)  # as `backup` does
             tmp = dest + ".partial"
             with open(tmp, "w", encoding="utf-8") as fh, _progress_bar("exporting", total) as bar:
                 n = mem.export_jsonl(fh, progress=lambda done, _t: bar.update(done - bar.pos))
@@ -327,8 +430,11 @@ def export_cmd(state: _State, dest: str) -> None:
 @_errors
 def import_cmd(state: _State, src: Any) -> None:
     """Import memories from JSON lines (as written by export); bad lines are reported and skipped."""
-    with state.memory() as mem, _progress_bar("importing", None) as bar:
-        res = mem.import_jsonl(src, progress=lambda done, _t: bar.update(done - bar.pos))
+    nul_lines: List[int] = []
+    with state.memory(create=True) as mem, _Counter("importing") as bar:
+        res = mem.import_jsonl(_without_nul(src, nul_lines), progress=lambda done, _t: bar.update(done - bar.pos))
+    res.error_count += len(nul_lines)
+    res.errors = sorted(res.errors + [(n, "line must not contain NUL characters") for n in nul_lines])[:20]
 
     def human(d: Dict[str, Any]) -> None:
         click.echo(f"imported {d['imported']}, already present {d['duplicates']}, errors {d['error_count']}")
@@ -338,6 +444,23 @@ def import_cmd(state: _State, src: Any) -> None:
     _emit(state, res.to_dict(), human)
     if res.error_count:
         sys.exit(1)
+
+
+def _without_nul(lines: Iterable[str], refused: List[int]) -> Iterator[str]:
+    """``lines`` with those holding a NUL character (raw or JSON-escaped in a value) blanked out and
+    their numbers put in ``refused``; blank lines keep the engine's line numbers right."""
+    for n, line in enumerate(lines, start=1):
+        nul = "\x00" in line
+        if not nul and "\\u0000" in line:
+            try:
+                nul = _has_nul(json.loads(line))
+            except ValueError:
+                pass  # the engine reports the malformed line
+        if nul:
+            refused.append(n)
+            yield "\n"
+        else:
+            yield line
 
 
 @main.command()
@@ -467,9 +590,20 @@ def model_info(state: _State, verify: bool) -> None:
 def serve(state: _State, host: Optional[str], port: Optional[int], threads: Optional[int],
           insecure_no_auth: Optional[bool]) -> None:
     """Run the HTTP service (Waitress)."""
+    import errno
+
+    from .logs import configured, url
     from .web import serve as run
 
-    run(state.settings(host=host, port=port, threads=threads, insecure_no_auth=insecure_no_auth))
+    settings = state.settings(host=host, port=port, threads=threads, insecure_no_auth=insecure_no_auth)
+    try:
+        with configured(settings):
+            run(settings)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise click.ClickException(f"cannot listen on {url(settings.host, settings.port)}: {exc.strerror} "
+                                       "(choose another --port, or stop what holds it)") from None
+        raise
 
 
 @main.command("mcp")
@@ -511,9 +645,72 @@ def token_create(state: _State, name: str, scopes: List[str], print_only: bool) 
         click.echo(json.dumps(entry), err=True)
         return
     path = state.config_path()
-    add_token_to_config(path, entry)
+    with _writing_config(path):
+        add_token_to_config(path, entry)
     click.echo(secret)
-    click.echo(f"token {name!r} ({', '.join(scopes)}) added to {path}; it is shown only this once.", err=True)
+    click.echo(f"token {name!r} ({', '.join(entry['scopes'])}) added to {path}; it is shown only this once.",
+               err=True)
+
+
+@token.command("list")
+@click.pass_obj
+@_errors
+def token_list(state: _State) -> None:
+    """List the configured tokens (names and scopes; secrets are never stored)."""
+    from .auth import list_tokens
+
+    path = state.config_path()
+    tokens = list_tokens(path)
+
+    def human(d: Dict[str, Any]) -> None:
+        if d["tokens"]:
+            _table([[t["name"], ", ".join(t["scopes"])] for t in d["tokens"]], ["name", "scopes"])
+        else:
+            click.echo(f"(no tokens in {d['config_file']})")
+
+    _emit(state, {"config_file": path, "tokens": tokens}, human)
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.pass_obj
+@_errors
+def token_revoke(state: _State, name: str) -> None:
+    """Remove the token NAME; a running service refuses it within a second (it follows the file)."""
+    from .auth import remove_token_from_config
+
+    path = state.config_path()
+    with _writing_config(path):
+        remove_token_from_config(path, name)
+    _emit(state, {"revoked": name, "config_file": path},
+          lambda d: click.echo(f"token {name!r} removed from {path}"))
+
+
+@token.command("rotate")
+@click.argument("name")
+@click.pass_obj
+@_errors
+def token_rotate(state: _State, name: str) -> None:
+    """Give the token NAME a new secret (same scopes), printed once; the old secret stops working."""
+    from .auth import rotate_token_in_config
+
+    path = state.config_path()
+    with _writing_config(path):
+        secret, entry = rotate_token_in_config(path, name)
+    click.echo(secret)
+    click.echo(f"token {name!r} ({', '.join(entry['scopes'])}) has a new secret in {path}; the old one no "
+               "longer works. The new one is shown only this once.", err=True)
+
+
+@contextlib.contextmanager
+def _writing_config(path: str) -> Iterator[None]:
+    """Turn "permission denied" on the config file into a hint."""
+    try:
+        yield
+    except PermissionError:
+        raise click.ClickException(
+            f"cannot write {path}: permission denied. Run as root (sudo) to change the system file, or "
+            "name a file you can write with --config FILE (or MEMENTO_CONFIG).") from None
 
 
 @main.command("config")

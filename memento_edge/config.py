@@ -148,7 +148,10 @@ SETTINGS: List[Setting] = [
     Setting("device_status", str, "/run/memento-edge-device/status.json",
             "Status file the appliance's first-boot script writes (first-boot file applied or refused, Wi-Fi "
             "firmware); shown by /readyz and, with the generated token, on the web page to loopback/USB clients."),
-    Setting("log_level", str, "INFO", "Logging level."),
+    Setting("log_level", str, "INFO", "Logging level of `serve`: DEBUG, INFO (one line per request), WARNING, "
+            "ERROR."),
+    Setting("log_format", str, "text", "Log lines of `serve`: text (for people) or json (one object per line, "
+            "for journald/Loki)."),
     Setting("mcp_allowed_origins", _str_list, [],
             "Browser origins (e.g. https://chat.example) allowed to call /mcp besides the service's own page; "
             "requests without an Origin header (every non-browser client) always pass. Comma-separated in "
@@ -205,6 +208,7 @@ class Settings:
     clock: str = "auto"
     device_status: str = "/run/memento-edge-device/status.json"
     log_level: str = "INFO"
+    log_format: str = "text"
     mcp_allowed_origins: List[str] = field(default_factory=list)
     tokens: List[Dict[str, Any]] = field(default_factory=list)
     config_file: Optional[str] = None

@@ -594,7 +594,16 @@ class Memory:
         return result
 
     def backup(self, dest: Any, progress: Optional[Callable[[int, int], None]] = None) -> Path:
-        """Online, verified backup to ``dest`` (safe while the service is running)."""
+        """Online, verified backup to ``dest`` (safe while the service is running).
+
+        Raises :class:`InvalidInput` when ``dest`` is the live database (or its WAL or shared-memory file):
+        replacing it under the open connections would lose data.
+        """
+        live = self.settings.db_path.expanduser().resolve()
+        target = Path(dest).expanduser().resolve()
+        if target in (live, live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")):
+            raise InvalidInput(f"backup destination {dest} is the live database; choose another file",
+                               field="dest")
         return self.store.backup(Path(dest), progress)
 
     @staticmethod

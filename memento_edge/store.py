@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -33,6 +34,8 @@ from . import migrations
 from .clock import ClockReading
 from .disk import DISK_FULL, DatabaseLock, disk_problem, disk_state
 from .errors import Busy, InvalidInput, StorageFull, StoreError
+
+log = logging.getLogger(__name__)
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 _MAX_VEC_K = 4096  # sqlite-vec refuses larger k in a KNN query
@@ -405,6 +408,17 @@ class _TextDecoder:
             return raw.decode("utf-8", "replace")
 
 
+EXTENSIONS_NOTE = ("this Python's sqlite3 cannot load extensions, so vectors use the numpy scan instead of "
+                   "sqlite-vec (recall about 4-5x slower at 10k memories); install memento-edge with a Python "
+                   "whose sqlite3 can (Debian/Ubuntu's /usr/bin/python3; scripts/setup picks one)")
+
+
+def sqlite_can_load_extensions() -> bool:
+    """True when this Python's ``sqlite3`` was built with loadable-extension support (pyenv's default
+    build and some distributions' are not: sqlite-vec cannot load there)."""
+    return hasattr(sqlite3.Connection, "enable_load_extension")
+
+
 def _load_sqlite_vec(conn: sqlite3.Connection) -> bool:
     """Load sqlite-vec into ``conn``; False when this Python or platform can't."""
     try:
@@ -696,6 +710,8 @@ class Store:
             raise StoreError("sqlite-vec cannot be loaded by this Python (sqlite3 without extension "
                              "support, or no sqlite-vec build for this platform)")
         use_vec = wanted == "sqlite-vec" or (wanted == "auto" and self._vec_loadable)
+        if not use_vec and wanted == "auto" and not sqlite_can_load_extensions():
+            log.warning("new database %s: %s", self.path, EXTENSIONS_NOTE)
         index = _SqliteVecIndex(self.dim) if use_vec else _NumpyIndex(self.dim)
         with self.writer() as conn:
             index.create(conn)
@@ -1039,6 +1055,9 @@ class Store:
             "db_bytes": db_bytes, "wal_bytes": wal.stat().st_size if wal.exists() else 0,
             "vector_backend": self.vector_backend, "sqlite_version": sqlite3.sqlite_version,
             "sqlite_vec_version": vec_version, "schema": schema[-1] if schema else None,
+            "sqlite_extensions": sqlite_can_load_extensions(),
+            "vector_note": (EXTENSIONS_NOTE if self.vector_backend != _SqliteVecIndex.name
+                            and not sqlite_can_load_extensions() else None),
             "model_fingerprint": self.meta_get("model_fingerprint"),
         }
 
