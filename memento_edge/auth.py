@@ -368,6 +368,13 @@ class LiveTokens:
                     self._load()
         return self._table
 
+    def verify(self, token: str) -> Optional[Principal]:
+        """:meth:`TokenTable.verify` on the current table."""
+        return self.table().verify(token)
+
+    def __len__(self) -> int:
+        return len(self.table())
+
     def reload(self) -> None:
         """Re-read the config file now (the SIGHUP handler)."""
         if self._path is not None:

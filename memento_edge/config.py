@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -32,6 +31,7 @@ def venv_config_file() -> Optional[Path]:
     ``scripts/setup`` writes it (``model_dir`` of the model it built), so a checkout's
     ``.venv/bin/memento-edge`` finds that model; like pip's per-environment ``<venv>/pip.conf``.
     """
+    import sys
     if sys.prefix == getattr(sys, "base_prefix", sys.prefix):
         return None
     return Path(sys.prefix) / "etc" / "memento-edge" / "config.yaml"

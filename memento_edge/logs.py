@@ -5,8 +5,8 @@
 * a start line (address, auth mode, model state, database, vector backend) and a stop line;
 * one access line per request at INFO on ``memento_edge.access``: method, route template (never the
   query string, which may hold search text), status, milliseconds, the token's *name*, client address;
-* Waitress's own warnings (``Task queue depth is N`` under load) at most once per
-  :data:`NOISY_INTERVAL` seconds per message, with a count of what was held back.
+* Waitress's own warnings at most once per :data:`NOISY_INTERVAL` seconds per message, with a count of
+  what was held back (its ``Task queue depth is N`` has its own filter in :mod:`memento_edge.web.server`).
 
 ``log_format: json`` writes one JSON object per line (``ts``, ``level``, ``logger``, ``msg`` plus the
 event's fields) for journald/Loki; ``text`` (the default) is for people.
@@ -27,7 +27,7 @@ from .errors import InvalidInput
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
 NOISY_INTERVAL = 60.0  # seconds between two lines of the same rate-limited message
-_NOISY_LOGGERS = ("waitress", "waitress.queue")
+_NOISY_LOGGERS = ("waitress",)  # "waitress.queue" is filtered by web.server.QueueDepthFilter
 _HANDLER_NAME = "memento-edge"
 
 access_log = logging.getLogger("memento_edge.access")

@@ -198,6 +198,12 @@ def _schemas() -> Dict[str, Any]:
             "required": ["ready", "db", "model"],
             "properties": {
                 "ready": {"type": "boolean"},
+                "writes": {"type": "boolean", "description": "False when a write would fail (no database "
+                                                            "write access, or no usable model)."},
+                "reason": {"type": "string", "description": "Why not ready, or why writes would fail."},
+                "vectors": {"type": "object", "properties": {
+                    "backend": _nullable(_STRING), "sqlite_extensions": {"type": "boolean"},
+                    "note": _nullable(_STRING)}},
                 "db": {"type": "object", "properties": {
                     "writable": {"type": "boolean"}, "readable": {"type": "boolean"},
                     "read_only": {"type": "boolean"}, "disk_free_bytes": _nullable({"type": "integer"}),

@@ -33,10 +33,10 @@ def test_log_level_from_settings_lets_info_through() -> None:
 
 def test_configured_restores_the_root_logger() -> None:
     root = logging.getLogger()
-    before = (list(root.handlers), root.level, list(logging.getLogger("waitress.queue").filters))
+    before = (list(root.handlers), root.level, list(logging.getLogger("waitress").filters))
     with logs.configured(Settings(log_level="DEBUG"), io.StringIO()):
         assert root.level == logging.DEBUG
-    assert (list(root.handlers), root.level, list(logging.getLogger("waitress.queue").filters)) == before
+    assert (list(root.handlers), root.level, list(logging.getLogger("waitress").filters)) == before
 
 
 def test_bad_level_or_format_is_refused() -> None:
@@ -67,23 +67,23 @@ def test_text_request_line_is_one_line_with_every_field() -> None:
     assert line.endswith("INFO memento_edge.access: GET /v1/recall 200 3.0ms token=anonymous client=::1")
 
 
-def test_waitress_queue_warnings_are_rate_limited() -> None:
+def test_waitress_warnings_are_rate_limited() -> None:
     now = [1000.0]
     limit = logs.RateLimit(interval=60, clock=lambda: now[0])
     out = io.StringIO()
     with logs.configured(Settings(), out):
-        queue_log = logging.getLogger("waitress.queue")
-        queue_log.filters[:] = [limit]
-        for depth in range(50):
-            queue_log.warning("Task queue depth is %d", depth)
+        waitress_log = logging.getLogger("waitress")
+        waitress_log.filters[:] = [limit]
+        for n in range(50):
+            waitress_log.warning("Client %d disconnected", n)
         now[0] += 61
-        queue_log.warning("Task queue depth is %d", 99)
+        waitress_log.warning("Client %d disconnected", 99)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert lines[0].endswith("Task queue depth is 0")
-    assert lines[1].endswith("Task queue depth is 99 (49 more like this in the last 60 s)")
+    assert lines[0].endswith("Client 0 disconnected")
+    assert lines[1].endswith("Client 99 disconnected (49 more like this in the last 60 s)")
 
 
 def test_waitress_gets_a_rate_limit_when_configured() -> None:
     with logs.configured(Settings(), io.StringIO()):
-        assert any(isinstance(f, logs.RateLimit) for f in logging.getLogger("waitress.queue").filters)
+        assert any(isinstance(f, logs.RateLimit) for f in logging.getLogger("waitress").filters)

@@ -28,9 +28,21 @@
   }
 
   var memToken = getToken();
+  var tokenName = "";  // the name the service gave the token in use (X-Memento-Token), once one worked
 
   function showTokenState() {
     $("token-state").textContent = memToken ? "A token is set for this tab." : "No token set.";
+    $("token-name").textContent = tokenName ? "in use: " + tokenName
+      : (memToken ? "set, not checked yet" : (authRequired() ? "needed" : "not needed on this machine"));
+  }
+
+  function authRequired() { return $("token-card").getAttribute("data-auth-required") !== "no"; }
+
+  /** Fold the token card once a token works (or none is needed); open it when the service refuses. */
+  function tokenWorks(ok) {
+    $("token-card").open = !ok;
+    if (!ok) { tokenName = ""; }
+    showTokenState();
   }
 
   // ---- API ---------------------------------------------------------------------------------------
@@ -48,6 +60,9 @@
       init.body = JSON.stringify(body);
     }
     return fetch(path, init).then(function (resp) {
+      var name = resp.headers.get("X-Memento-Token");
+      if (resp.ok && name && memToken && name !== tokenName) { tokenName = name; showTokenState(); }
+      if (resp.status === 401) { tokenWorks(false); }
       return resp.text().then(function (text) {
         var data = null;
         try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
@@ -63,7 +78,7 @@
 
   function describeError(err) {
     if (!(err instanceof ApiError)) { return "Unexpected error: " + String(err); }
-    if (err.status === 401) { return "Not authorised: enter a valid token above."; }
+    if (err.status === 401) { return "Not authorised: enter a valid token under Access token."; }
     if (err.status === 403) { return "This token may not do that."; }
     if (err.status === 429) { return "Too many requests: wait a moment and retry."; }
     var text = err.message;
@@ -111,9 +126,7 @@
     li.setAttribute("data-id", String(item.id));
     li.appendChild(el("p", "hit-text", item.text));
     var meta = el("p", "meta");
-    if (withScore && typeof item.score === "number") {
-      meta.appendChild(el("span", "score", "score " + item.score.toFixed(3)));
-    }
+    if (withScore) { meta.appendChild(el("span", "score", scoreText(item))); }
     meta.appendChild(el("span", null, "#" + item.id));
     if (item.collection) { meta.appendChild(el("span", "coll", item.collection)); }
     if (typeof item.importance === "number") {
@@ -125,13 +138,85 @@
       meta.appendChild(time);
     }
     (item.tags || []).forEach(function (t) { meta.appendChild(el("span", "tag", t)); });
-    var del = el("button", "link", "Delete");
+    li.appendChild(meta);
+    var actions = el("div", "actions");
+    var edit = el("button", "secondary", "Edit");
+    edit.type = "button";
+    edit.setAttribute("aria-label", "Edit memory " + item.id);
+    edit.addEventListener("click", function () { startEdit(item, li, withScore); });
+    var del = el("button", "secondary", "Delete");
     del.type = "button";
     del.setAttribute("aria-label", "Delete memory " + item.id);
     del.addEventListener("click", function () { deleteMemory(item.id, li); });
-    meta.appendChild(del);
-    li.appendChild(meta);
+    actions.appendChild(edit);
+    actions.appendChild(del);
+    li.appendChild(actions);
     return li;
+  }
+
+  /** How well a hit matches, in words a person reads: cosine as a percentage, else its keyword rank
+   *  (hybrid and keyword scores are relative to the other hits and say little on their own). */
+  function scoreText(item) {
+    if (typeof item.similarity === "number") {
+      return Math.round(Math.max(0, item.similarity) * 100) + "% match";
+    }
+    if (typeof item.keyword_rank === "number") { return "word match #" + item.keyword_rank; }
+    return typeof item.score === "number" ? "score " + item.score.toFixed(2) : "";
+  }
+
+  function field(form, id, labelText, input) {
+    var label = el("label", null, labelText);
+    label.htmlFor = id;
+    input.id = id;
+    form.appendChild(label);
+    form.appendChild(input);
+    return input;
+  }
+
+  /** Edit a memory in place: text and tags; a changed text is re-embedded by the service. */
+  function startEdit(item, li, withScore) {
+    if (li.querySelector("form.edit")) { return; }
+    var form = el("form", "edit");
+    form.method = "post";
+    form.action = "#";
+    var text = field(form, "edit-text-" + item.id, "Text", el("textarea"));
+    text.rows = 3;
+    text.value = item.text;
+    var tags = field(form, "edit-tags-" + item.id, "Tags (comma-separated)", el("input"));
+    tags.type = "text";
+    tags.value = (item.tags || []).join(", ");
+    var row = el("div", "row");
+    var save = el("button", null, "Save");
+    save.type = "submit";
+    var cancel = el("button", "secondary", "Cancel");
+    cancel.type = "button";
+    row.appendChild(save);
+    row.appendChild(cancel);
+    form.appendChild(row);
+    var status = el("p", "msg");
+    status.setAttribute("role", "status");
+    form.appendChild(status);
+    cancel.addEventListener("click", function () { form.remove(); });
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var body = {};
+      if (text.value !== item.text) { body.text = text.value; }
+      var newTags = parseTags(tags.value);
+      if (newTags.join("\n") !== (item.tags || []).join("\n")) { body.tags = newTags; }
+      if (!Object.keys(body).length) { form.remove(); return; }
+      save.disabled = true;
+      say(status, "Saving...", false);
+      api("PATCH", "/v1/memories/" + encodeURIComponent(item.id), body).then(function (rec) {
+        var updated = Object.assign({}, item, rec);
+        if (body.text !== undefined) { updated.similarity = null; updated.keyword_rank = null; updated.score = null; }
+        li.replaceWith(renderItem(updated, withScore));
+      }, function (err) {
+        save.disabled = false;
+        say(status, describeError(err), true);
+      });
+    });
+    li.appendChild(form);
+    text.focus();
   }
 
   function deleteMemory(id, li) {
@@ -326,8 +411,20 @@
   }
 
   // ---- wiring ------------------------------------------------------------------------------------
+  /** On load: fold the token card when the kept token (or no token, where none is needed) works. */
+  function checkAccess() {
+    if (!memToken && authRequired()) { tokenWorks(false); return; }
+    api("GET", "/v1/memories?limit=1").then(function () { tokenWorks(true); }, function (err) {
+      if (err.status === 401) { tokenWorks(false); }
+    });
+  }
+
   function init() {
+    // A kept token (or none needed): fold the card at once; checkAccess reopens it if refused.
+    if (memToken || !authRequired()) { $("token-card").open = false; }
     showTokenState();
+    checkAccess();
+    if (!$("token-card").open) { $("q").focus(); }
     $("token-form").addEventListener("submit", function (ev) {
       ev.preventDefault();
       var value = $("token").value.trim();
@@ -335,12 +432,16 @@
       setToken(value);
       if (value) {
         loadStats().then(function (ok) {
+          tokenWorks(ok);
           $("token-state").textContent = ok ? "Token accepted." : "Token set, but the service refused it.";
+          if (ok) { $("q").focus(); }
         });
       }
     });
     $("token-clear").addEventListener("click", function () {
       setToken("");
+      tokenName = "";
+      showTokenState();
       fill($("stats"), []);
       fill($("stats-all"), []);
       $("stats-more").hidden = true;

@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from flask import Flask
 
-from .. import __version__
+from .. import __version__, logs
 from ..auth import check_bind
 from .access import register_hooks, route_template
 from .errors import ApiError, error_response, register_error_handlers
 from .ratelimit import RateLimiter
-from .state import EXT, AppState
+from .state import EXT, AppState, readiness
 
 if TYPE_CHECKING:  # memory.py is imported lazily: the web layer must import even while it is absent
     from ..config import Settings
@@ -61,18 +62,20 @@ def create_app(settings: "Settings", memory: Optional["Memory"] = None) -> Flask
     return app
 
 
-def _log_bind(mode: str, settings: "Settings", tokens: int) -> None:
-    if mode == "tokens":
-        log.info("memento-edge %s serving on http://%s:%s (%d API token(s) configured)", __version__,
-                 settings.host, settings.port, tokens)
-    elif mode == "loopback-open":
-        log.warning("memento-edge %s serving on http://%s:%s WITHOUT authentication: no API token is "
-                    "configured, so only this machine (loopback) can connect. Create a token with "
-                    "`memento-edge token create` to serve the LAN.", __version__, settings.host,
-                    settings.port)
-    else:
-        log.warning("memento-edge %s serving on http://%s:%s WITHOUT authentication (insecure_no_auth)",
-                    __version__, settings.host, settings.port)
+def _log_start(mode: str, st: AppState, address: str) -> None:
+    """The start line, then a warning for each thing an operator must know: no auth, no model, slow vectors."""
+    ready = readiness(st)
+    logs.started(log, version=__version__, address=address, auth=mode, tokens=len(st.tokens),
+                 model=ready["model"]["state"], database=str(st.settings.db_path),
+                 vector_backend=str(ready["vectors"]["backend"]))
+    if mode == "loopback-open":
+        log.warning("no API token is configured, so only this machine (loopback) can connect; create one "
+                    "with `memento-edge token create` to serve the LAN")
+    if not ready["writes"] and ready["ready"]:
+        log.warning("no embedding model at %s: recall answers by keyword and writes answer 503 until "
+                    "`memento-edge model build` has built it", st.settings.model_path)
+    if ready["vectors"]["note"]:
+        log.warning("%s", ready["vectors"]["note"])
 
 
 def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
@@ -100,7 +103,9 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
         header_timeout=settings.header_timeout, connections_per_client=settings.connections_per_client,
         max_request_body_size=int(settings.max_body_bytes) + 1024, ident="memento-edge",
         clear_untrusted_proxy_headers=True)
-    _log_bind(mode, settings, len(st.tokens))
+    address = logs.url(settings.host, int(getattr(server, "effective_port", settings.port)))
+    _log_start(mode, st, address)
+    started = time.monotonic()
     stop_governor = st.governor.start_background()
     if settings.warmup:
         threading.Thread(target=_warmup, args=(st.embedder,), name="memento-warmup", daemon=True).start()
@@ -108,18 +113,25 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     def _on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds server.run() in the main thread; finally-blocks close the DB
 
-    previous = None
+    def _on_hup(signum: int, frame: Any) -> None:
+        st.tokens.reload()  # `systemctl reload memento-edge`: re-read the tokens now
+
+    previous: Dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_term)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_term)
+        if hasattr(signal, "SIGHUP"):
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_hup)
     try:
         server.run()
     except KeyboardInterrupt:
-        log.info("shutting down")
+        pass
     finally:
         stop_governor.set()
         server.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        logs.stopped(log, address=address, uptime_s=time.monotonic() - started,
+                     requests=st.metrics.total_requests())
         if own_memory:
             st.memory.close()
 

@@ -8,19 +8,17 @@ Tokens never appear in logs or URLs: only the token's *name* is logged.
 """
 from __future__ import annotations
 
-import logging
 import re
 import time
 from typing import Any, Callable, FrozenSet, Optional
 
 from flask import Flask, Response, current_app, g, request
 
+from .. import logs
 from ..auth import ANONYMOUS, Principal, bearer_token, is_loopback
 from .crosssite import check_cross_site
 from .errors import ApiError, bad, retry_after
 from .state import AppState, state
-
-access_log = logging.getLogger("memento_edge.access")
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -114,9 +112,12 @@ def _after(resp: Response) -> Response:
         resp.headers.setdefault("Content-Security-Policy", CSP)
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
-    # The path only (never the query string, which may hold search text) and the token's *name*.
-    access_log.info("%s %s %s %d %.1fms %s", client_address(), request.method, request.path,
-                    resp.status_code, elapsed * 1000, g.get("principal", ANONYMOUS).name)
+    principal = g.get("principal", ANONYMOUS)
+    if principal is not ANONYMOUS:
+        resp.headers["X-Memento-Token"] = principal.name  # the page shows which token is in use
+    # The route template (never the path's ids or the query string, which may hold search text) and the
+    # token's *name*, never the token.
+    logs.request(request.method, rule, resp.status_code, elapsed * 1000, principal.name, client_address())
     return resp
 
 

@@ -69,6 +69,11 @@ class Metrics:
             row[-2] += seconds
             row[-1] += 1
 
+    def total_requests(self) -> int:
+        """Requests finished so far (the stop line reports it)."""
+        with self._lock:
+            return int(sum(row[-1] for row in self._series.values()))
+
     def render(self, extra: List[Family]) -> str:
         """Exposition text: the HTTP series plus ``extra`` families ``(name, type, help, samples)``."""
         out: List[str] = []

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from flask import current_app
 
-from ..auth import TokenTable, is_loopback
+from ..auth import LiveTokens, is_loopback
 from ..device import public_status
 from ..errors import MementoError, ModelUnavailable
 from ..governor import Governor
@@ -27,11 +27,8 @@ class AppState:
     def __init__(self, settings: "Settings", memory: "Memory") -> None:
         self.settings = settings
         self.memory = memory
-        self.tokens = TokenTable(settings.tokens or ())
-        self.auth_enabled = self.tokens.enabled
-        # Without tokens the API is open to anything that can connect; on loopback that is only local
-        # processes - and web pages in a local browser via DNS rebinding, which the Host check stops.
-        self.check_host = not self.auth_enabled and is_loopback(settings.host)
+        # Follows the config file: `memento-edge token revoke` takes effect without a restart.
+        self.tokens = LiveTokens(settings.tokens or (), settings.config_file)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.metrics = Metrics()
         self.governor = Governor(settings.rss_limit_mb, lambda: memory.embedder,
@@ -46,6 +43,17 @@ class AppState:
     def embedder(self) -> Any:
         """The Memory's embedder (never forces a model load)."""
         return self.memory.embedder
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when requests need a token (once true, it stays true: see :class:`LiveTokens`)."""
+        return self.tokens.required
+
+    @property
+    def check_host(self) -> bool:
+        """Without tokens the API is open to anything that can connect; on loopback that is only local
+        processes - and web pages in a local browser via DNS rebinding, which the Host check stops."""
+        return not self.auth_enabled and is_loopback(self.settings.host)
 
 
 def state() -> AppState:
@@ -73,7 +81,35 @@ def readiness(st: AppState) -> Dict[str, Any]:
         body["device"] = device
     if db.get("error"):
         body["db"]["error"] = db["error"]
+    _writes_and_vectors(body, st)
     return body
+
+
+def _writes_and_vectors(body: Dict[str, Any], st: AppState) -> None:
+    """Add ``writes`` (would a write succeed?), ``reason`` and ``vectors`` to a readiness ``body``.
+
+    Ready = can serve: reads still work without a model (recall answers by keyword), so the service
+    stays in rotation; ``writes`` says honestly that stores answer 503 until the model is built.
+    """
+    model = body["model"]
+    body["writes"] = body["ready"] and model["state"] not in ("missing", "error")
+    body["vectors"] = vector_state(st)
+    if not body["ready"]:
+        body["reason"] = f"database: {body['db'].get('error') or 'not writable'}"
+    elif not body["writes"]:
+        body["reason"] = (f"no usable embedding model ({model.get('error', model['state'])}): writes answer "
+                          "503 until `memento-edge model build` has built it")
+
+
+def vector_state(st: AppState) -> Dict[str, Any]:
+    """The vector index in use and whether this Python's sqlite3 can load extensions (sqlite-vec)."""
+    from ..store import EXTENSIONS_NOTE, sqlite_can_load_extensions
+
+    store = getattr(st.memory, "store", None)
+    backend = getattr(store, "vector_backend", None)
+    can_load = sqlite_can_load_extensions()
+    return {"backend": backend, "sqlite_extensions": can_load,
+            "note": EXTENSIONS_NOTE if backend != "sqlite-vec" and not can_load else None}
 
 
 def model_state(emb: Any) -> Dict[str, Any]:
