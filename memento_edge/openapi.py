@@ -1,16 +1,29 @@
 """The OpenAPI 3.0 description of the HTTP API, built as a plain dict (served at ``/openapi.json``).
 
-Kept by hand next to ``web.py`` rather than generated: the document is the contract agents code
-against, so it states only limits the service really enforces (tests/test_openapi.py checks that every
-route is described and vice versa, and tests/test_schemathesis.py fuzzes the app against it).
+Built, not written: the component schemas come from the field tables of :mod:`memento_edge.schema`
+(types, nullability, limits, help), and the paths from the app's own routes - the rule, the method, the
+scope a view ``@requires`` and the query parameters it declares. This module adds only what the code
+cannot say: an operation's id and summary, its body and answer schemas, and the errors it may give.
+tests/test_openapi.py checks that live answers have exactly their schema's properties and that every
+limit the engine enforces is stated here; tests/test_schemathesis.py fuzzes the app against it.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-INT64_MAX = 2 ** 63 - 1
+from .schema import (CREATE_FIELDS, DEFAULT_LIST_LIMIT, FILTER_FIELDS, HIT_FIELDS, MAX_BATCH_ITEMS,
+                     MAX_BATCH_QUERIES, MAX_CURSOR_DIGITS, MAX_IDEMPOTENCY_KEY, MAX_LIST_LIMIT,
+                     MEMORY_FIELDS, MODES, RECALL_FIELDS, RECORD_FIELDS,
+                     REMEMBER_FIELDS, Field)
+
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+_STRING = {"type": "string"}
+# A string the engine refuses when it is only white space.
+_NOT_BLANK = r"\S"
+_JSON_TYPES = {"str": "string", "int": "integer", "number": "number", "bool": "boolean", "object": "object"}
 
 
 def _ref(name: str) -> Dict[str, str]:
@@ -29,39 +42,103 @@ def _nullable(schema: Dict[str, Any]) -> Dict[str, Any]:
     return dict(schema, nullable=True)
 
 
-_TAG = {"type": "string", "minLength": 1, "maxLength": 100}
-_STRING = {"type": "string"}
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- schema.py -> JSON Schema -----------------------------------------------------------------------
+def _string(f: Field) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"type": "string"}
+    if f.minimum is not None and f.maximum is not None:  # a time: ISO-8601 text, bounded as Unix seconds
+        out["x-earliest"], out["x-latest"] = _iso(f.minimum), _iso(f.maximum)
+    if f.enum is not None:
+        out["enum"] = list(f.enum)
+    if f.min_length is not None:
+        out["minLength"] = f.min_length
+        out["pattern"] = _NOT_BLANK
+    if f.max_length is not None:
+        out["maxLength"] = f.max_length
+    return out
+
+
+def _number(f: Field) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"type": _JSON_TYPES[f.type]}
+    if f.int64:
+        out["format"] = "int64"
+    if f.minimum is not None:
+        out["minimum"] = f.minimum
+    if f.maximum is not None:
+        out["maximum"] = f.maximum
+    return out
+
+
+def _type(f: Field, refs: Dict[str, str]) -> Dict[str, Any]:
+    if f.name in refs:
+        return _ref(refs[f.name])
+    if f.type == "str":
+        return _string(f)
+    if f.type in ("int", "number"):
+        return _number(f)
+    if f.type == "list[str]":
+        item = Field(f.name, "str", min_length=1 if f.item_max_length else None, max_length=f.item_max_length)
+        out: Dict[str, Any] = {"type": "array", "items": _string(item)}
+        if f.max_items is not None:
+            out["maxItems"] = f.max_items
+        return out
+    if f.type == "time":
+        return {"oneOf": [{"type": "string"}, _number(Field(f.name, "number", minimum=f.minimum,
+                                                            maximum=f.maximum))]}
+    # JSON Schema can bound neither an object's encoded size nor (in OpenAPI 3.0) its key length.
+    out = {"type": _JSON_TYPES[f.type]}
+    if f.max_length is not None:
+        out["x-max-json-length"] = f.max_length
+    if f.max_key_length is not None:
+        out["x-max-key-length"] = f.max_key_length
+    return out
+
+
+def prop(f: Field, refs: Optional[Dict[str, str]] = None, *, nullable: Optional[bool] = None) -> Dict[str, Any]:
+    """The JSON Schema of one field (``refs`` names fields that are another component)."""
+    out = _type(f, refs or {})
+    if "$ref" in out:  # OpenAPI 3.0 ignores the siblings of a $ref, but for nullable
+        return dict(out, nullable=True) if f.nullable else out
+    if f.type == "time" and f.minimum is not None and f.maximum is not None:
+        out["x-earliest"], out["x-latest"] = _iso(f.minimum), _iso(f.maximum)
+    if f.default is not None:
+        out["default"] = f.default
+    if f.help:
+        out["description"] = f.help
+    if f.nullable if nullable is None else nullable:
+        out["nullable"] = True
+    return out
+
+
+def properties(fields: Dict[str, Field], refs: Optional[Dict[str, str]] = None,
+               **nullable: bool) -> Dict[str, Any]:
+    """``{name: schema}`` of a field table; ``nullable`` overrides a field's own nullability."""
+    return {name: prop(f, refs, nullable=nullable.get(name)) for name, f in fields.items()}
+
+
+def _answer(fields: Dict[str, Field]) -> Dict[str, Any]:
+    """What the service sends: every field always present (null where nullable)."""
+    return {"type": "object", "required": list(fields), "properties": properties(fields)}
+
+
+def _request(fields: Dict[str, Field], required: Sequence[str] = (), refs: Optional[Dict[str, str]] = None,
+             **nullable: bool) -> Dict[str, Any]:
+    """What a client sends: unknown fields are refused."""
+    out: Dict[str, Any] = {"type": "object", "additionalProperties": False,
+                           "properties": properties(fields, refs, **nullable)}
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+def _array_of(ref: str, most: int) -> Dict[str, Any]:
+    return {"type": "array", "minItems": 1, "maxItems": most, "items": _ref(ref)}
 
 
 def _schemas() -> Dict[str, Any]:
-    memory_props: Dict[str, Any] = {
-        "text": {"type": "string", "minLength": 1, "maxLength": 100_000,
-                 "description": "The memory itself (1-100,000 characters)."},
-        "collection": {"type": "string", "description": "Namespace; default \"default\"."},
-        "tags": {"type": "array", "items": _TAG, "maxItems": 50},
-        "source": _nullable(_STRING),
-        "session_id": _nullable(_STRING),
-        "importance": {"type": "number", "minimum": 0, "maximum": 1, "description": "Default 0.5."},
-        "metadata": _nullable({"type": "object", "description": "Any JSON object."}),
-    }
-    record_props: Dict[str, Any] = {
-        "id": {"type": "integer", "format": "int64"},
-        "text": _STRING,
-        "collection": _STRING,
-        "tags": {"type": "array", "items": _STRING},
-        "source": _nullable(_STRING),
-        "session_id": _nullable(_STRING),
-        "importance": {"type": "number"},
-        "metadata": {"type": "object"},
-        "created_at": {"type": "string", "description": "ISO-8601 UTC."},
-        "updated_at": {"type": "string", "description": "ISO-8601 UTC."},
-        "content_hash": _STRING,
-        "clock_trusted": {"type": "boolean",
-                          "description": "false while created_at was stamped by a clock not yet verified "
-                                         "(no RTC, no NTP yet); corrected and set true once it is."},
-    }
-    record_required = ["id", "text", "collection", "tags", "importance", "metadata", "created_at",
-                       "updated_at"]
     return {
         "Error": {
             "type": "object",
@@ -76,106 +153,37 @@ def _schemas() -> Dict[str, Any]:
                 },
             }},
         },
-        "MemoryInput": {
-            "type": "object",
-            "required": ["text"],
-            "additionalProperties": False,
-            "properties": dict(memory_props, created_at=_nullable({
-                "oneOf": [{"type": "string"}, {"type": "number"}],
-                "description": "When it happened: ISO-8601 or Unix seconds; default now."})),
-        },
-        "MemoryBatch": {
-            "type": "object",
-            "required": ["items"],
-            "additionalProperties": False,
-            "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 1000,
-                                     "items": _ref("MemoryInput")}},
-        },
-        "MemoryPatch": {
-            "type": "object",
-            "minProperties": 1,
-            "additionalProperties": False,
-            "description": "Fields to change; omitted fields keep their value. Changing text re-embeds it. "
-                           "metadata null clears it.",
-            "properties": dict(memory_props, source=_STRING, session_id=_STRING),
-        },
-        "RememberResult": {
-            "type": "object",
-            "required": ["id", "created"],
-            "properties": {
-                "id": {"type": "integer", "format": "int64"},
-                "created": {"type": "boolean",
-                            "description": "false when the text was already stored (then id is the "
-                                           "existing memory)."},
-                "duplicate_of": _nullable({"type": "integer", "format": "int64"}),
-            },
-        },
-        "RememberBatchResult": {
-            "type": "object",
-            "required": ["items"],
-            "properties": {"items": {"type": "array", "items": _ref("RememberResult")}},
-        },
-        "Memory": {"type": "object", "required": record_required, "properties": record_props},
-        "Hit": {
-            "type": "object",
-            "required": record_required + ["score"],
-            "properties": dict(record_props, score={"type": "number"},
-                               vector_rank=_nullable({"type": "integer"}),
-                               keyword_rank=_nullable({"type": "integer"})),
-        },
+        "MemoryInput": _request(CREATE_FIELDS, required=["text"]),
+        "MemoryBatch": {"type": "object", "required": ["items"], "additionalProperties": False,
+                        "properties": {"items": _array_of("MemoryInput", MAX_BATCH_ITEMS)}},
+        "MemoryPatch": dict(_request(MEMORY_FIELDS, source=False, session_id=False), minProperties=1,
+                            description="Fields to change; omitted fields keep their value. Changing text "
+                                        "re-embeds it. metadata null clears it."),
+        "RememberResult": _answer(REMEMBER_FIELDS),
+        "RememberBatchResult": {"type": "object", "required": ["items"],
+                                "properties": {"items": {"type": "array", "items": _ref("RememberResult")}}},
+        "Memory": _answer(RECORD_FIELDS),
+        "Hit": _answer(HIT_FIELDS),
         "Page": {
             "type": "object",
             "required": ["items", "next_cursor"],
             "properties": {"items": {"type": "array", "items": _ref("Memory")},
-                           "next_cursor": _nullable(_STRING)},
+                           "next_cursor": dict(_STRING, nullable=True)},
         },
-        "Filters": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "collection": _STRING,
-                "tags_any": {"type": "array", "items": _STRING},
-                "tags_all": {"type": "array", "items": _STRING},
-                "source": _STRING,
-                "session_id": _STRING,
-                "min_importance": {"type": "number"},
-                "since": {"type": "string", "description": "ISO-8601 timestamp (inclusive)."},
-                "until": {"type": "string", "description": "ISO-8601 timestamp (exclusive)."},
-                "metadata": {"type": "object", "description": "Equality on top-level metadata keys."},
-                "untrusted_time": {"type": "string", "enum": ["include", "exclude"], "default": "include",
-                                   "description": "Memories whose time is unverified (clock_trusted false): "
-                                                  "include matches them by their stamped time, exclude "
-                                                  "leaves them out."},
-            },
-        },
-        "RecallRequest": {
-            "type": "object",
-            "required": ["query"],
-            "additionalProperties": False,
-            "properties": {
-                "query": {"type": "string", "minLength": 1, "maxLength": 1000},
-                "topk": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
-                "mode": {"type": "string", "enum": ["hybrid", "vector", "keyword"], "default": "hybrid"},
-                "filters": _nullable(_ref("Filters")),
-            },
-        },
-        "RecallBatch": {
-            "type": "object",
-            "required": ["queries"],
-            "additionalProperties": False,
-            "properties": {"queries": {"type": "array", "minItems": 1, "maxItems": 32,
-                                       "items": _ref("RecallRequest")}},
-        },
+        "Filters": _request(FILTER_FIELDS),
+        "RecallRequest": _request(RECALL_FIELDS, required=["query"], refs={"filters": "Filters"}),
+        "RecallBatch": {"type": "object", "required": ["queries"], "additionalProperties": False,
+                        "properties": {"queries": _array_of("RecallRequest", MAX_BATCH_QUERIES)}},
         "RecallResult": {
             "type": "object",
-            "required": ["query", "mode", "hits", "took_ms"],
+            "required": ["query", "mode", "hits", "took_ms", "note"],
             "properties": {
                 "query": _STRING,
-                "mode": {"type": "string", "enum": ["hybrid", "vector", "keyword"],
+                "mode": {"type": "string", "enum": list(MODES),
                          "description": "The mode actually used: keyword when the model is unavailable."},
                 "hits": {"type": "array", "items": _ref("Hit")},
                 "took_ms": {"type": "number"},
-                "note": _nullable({"type": "string", "description": "Why the mode was degraded, if it was."}),
+                "note": {"type": "string", "nullable": True, "description": "Why the mode was degraded, if it was."},
             },
         },
         "RecallBatchResult": {
@@ -183,13 +191,19 @@ def _schemas() -> Dict[str, Any]:
             "required": ["results"],
             "properties": {"results": {"type": "array", "items": _ref("RecallResult")}},
         },
+        **_service_schemas(),
+    }
+
+
+def _service_schemas() -> Dict[str, Any]:
+    return {
         "Stats": {"type": "object", "description": "Engine statistics plus a `server` section.",
                   "required": ["server"], "properties": {"server": {"type": "object"}}},
         "ImportResult": {"type": "object", "description": "Counts of imported / skipped lines."},
         "BackupResult": {
             "type": "object",
             "required": ["path"],
-            "properties": {"path": _STRING, "bytes": _nullable({"type": "integer"})},
+            "properties": {"path": _STRING, "bytes": {"type": "integer", "nullable": True}},
         },
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"type": "string", "enum": ["ok"]}, "version": _STRING}},
@@ -206,13 +220,13 @@ def _schemas() -> Dict[str, Any]:
                     "note": _nullable(_STRING)}},
                 "db": {"type": "object", "properties": {
                     "writable": {"type": "boolean"}, "readable": {"type": "boolean"},
-                    "read_only": {"type": "boolean"}, "disk_free_bytes": _nullable({"type": "integer"}),
-                    "disk_total_bytes": _nullable({"type": "integer"}), "error": _STRING}},
+                    "read_only": {"type": "boolean"}, "disk_free_bytes": {"type": "integer", "nullable": True},
+                    "disk_total_bytes": {"type": "integer", "nullable": True}, "error": _STRING}},
                 "model": {"type": "object", "properties": {
                     "state": {"type": "string",
                               "enum": ["loaded", "unloaded", "missing", "error", "unknown"]},
                     "loaded": {"type": "boolean"},
-                    "backend": _nullable(_STRING),
+                    "backend": {"type": "string", "nullable": True},
                     "error": _STRING}},
                 "governor": {"type": "string", "enum": ["ok", "soft", "hard"]},
             },
@@ -246,127 +260,160 @@ def _responses() -> Dict[str, Any]:
     }
 
 
-def _errors(*codes: int) -> Dict[str, Any]:
-    names = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
-             413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "Unprocessable",
-             429: "TooManyRequests", 503: "Unavailable", 507: "InsufficientStorage"}
-    return {str(c): _resp(names[c]) for c in codes}
-
-
+_ERROR_NAMES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+                413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "Unprocessable",
+                429: "TooManyRequests", 503: "Unavailable", 507: "InsufficientStorage"}
 _AUTHED = (400, 401, 403, 429, 503)           # every protected route
 _BODY = (413, 415, 422)                       # every route with a JSON body
-_MEMORY_ID = {"name": "memory_id", "in": "path", "required": True,
-              "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": INT64_MAX}}
 
 
-def _op(op_id: str, summary: str, scope: str, responses: Dict[str, Any], *, errors: tuple = (),
-        body: Any = None, params: List[Dict[str, Any]] = (), public: bool = False,  # type: ignore[assignment]
-        description: str = "") -> Dict[str, Any]:
-    op: Dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": dict(responses)}
-    if description:
-        op["description"] = description
-    if public:
+# --- the route table --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Operation:
+    """What the document says about one view beyond its rule, method, scope and query parameter names."""
+
+    op_id: str
+    summary: str
+    responses: Dict[str, Any]
+    errors: Tuple[int, ...] = ()
+    body: Optional[Dict[str, Any]] = None
+    headers: List[Dict[str, Any]] = field(default_factory=list)
+    description: str = ""
+
+
+def _body(schema: Dict[str, Any], required: bool = True, media: str = JSON) -> Dict[str, Any]:
+    return {"required": required, "content": {media: {"schema": schema}}}
+
+
+def _params() -> Dict[str, Dict[str, Any]]:
+    """Path and query parameters by name (their ``in`` is set from the rule), schemas from schema.py."""
+    return {
+        "memory_id": {"required": True, "schema": dict(_number(RECORD_FIELDS["id"]))},
+        # An empty collection means "any": only the length is bounded here, the engine checks the rest.
+        "collection": {"schema": {"type": "string", "maxLength": FILTER_FIELDS["collection"].max_length}},
+        "limit": {"schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+                             "default": DEFAULT_LIST_LIMIT}},
+        "cursor": {"schema": {"type": "string", "pattern": f"^[0-9]{{1,{MAX_CURSOR_DIGITS}}}$"},
+                   "description": "next_cursor of the previous page."},
+        "q": {"required": True, "schema": _string(RECALL_FIELDS["query"])},
+        "topk": {"schema": _number(RECALL_FIELDS["topk"])},
+        "mode": {"schema": _string(RECALL_FIELDS["mode"])},
+    }
+
+
+_IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
+                               "pattern": "^[!-~]+$"}}
+_CREATED_LINKS = {name: {"operationId": op, "parameters": {"memory_id": "$response.body#/id"}}
+                  for name, op in (("GetMemory", "getMemory"), ("UpdateMemory", "updateMemory"),
+                                   ("DeleteMemory", "deleteMemory"))}
+_REMEMBERED = {"oneOf": [_ref("RememberResult"), _ref("RememberBatchResult")]}
+_RECALLED = _json(_ref("RecallResult"), "Ranked hits.")
+_TEXT = {"text/plain": {"schema": _STRING}}
+
+# Every view of the app, by endpoint. Rule, method, scope and query parameter names come from the view.
+OPERATIONS: Dict[str, Operation] = {
+    "pages.index": Operation("indexPage", "The LAN web page", {
+        "200": {"description": "HTML page", "content": {"text/html": {"schema": _STRING}}}}),
+    "pages.healthz": Operation("healthz", "Liveness (no auth, no database access)",
+                               {"200": _json(_ref("Health"), "The process answers.")}),
+    "pages.readyz": Operation("readyz", "Readiness: database writable, model state, backend", {
+        "200": _json(_ref("Ready"), "Ready (the model may still be missing: see model.state)."),
+        "503": dict(_json(_ref("Ready"), "The database is not writable."), headers=_retry_after_header())}),
+    "pages.metrics": Operation("metrics", "Prometheus metrics (text format 0.0.4)", {
+        "200": {"description": "Prometheus exposition text", "content": _TEXT}}),
+    "pages.openapi": Operation("openapi", "This document", {
+        "200": _json({"type": "object"}, "OpenAPI 3.0 document")}),
+    "v1.create_memories": Operation(
+        "createMemories", "Remember one memory, or a batch",
+        {"201": dict(_json(_REMEMBERED, "Stored (id or items)."), links=_CREATED_LINKS),
+         "200": _json(_REMEMBERED, "Already stored: nothing new was created.")},
+        errors=_BODY + (409, 507), body=_body({"oneOf": [_ref("MemoryInput"), _ref("MemoryBatch")]}),
+        headers=[_IDEMPOTENCY_KEY],
+        description="Body: one memory, or `{\"items\": [...]}` (one transaction). With `Idempotency-Key`, a "
+                    "retry returns the first result. 503 model_unavailable when the embedding model is missing."),
+    "v1.list_memories": Operation("listMemories", "Most recent memories, paged",
+                                  {"200": _json(_ref("Page"), "A page of memories, newest first.")}, errors=(422,)),
+    "v1.get_memory": Operation("getMemory", "One memory", {"200": _json(_ref("Memory"), "The memory.")},
+                               errors=(404,)),
+    "v1.update_memory": Operation("updateMemory", "Change fields of a memory",
+                                  {"200": _json(_ref("Memory"), "The updated memory.")},
+                                  errors=_BODY + (404, 507), body=_body(_ref("MemoryPatch"))),
+    "v1.delete_memory": Operation("deleteMemory", "Delete a memory", {"204": {"description": "Deleted."}},
+                                  errors=(404, 507)),
+    "v1.recall_post": Operation("recall", "Recall by meaning and words", {"200": _RECALLED}, errors=_BODY,
+                                body=_body(_ref("RecallRequest")),
+                                description="Without the model, hybrid/vector recall answers in keyword mode "
+                                            "and says so in `mode` and `note`."),
+    "v1.recall_get": Operation("recallGet", "Recall (query-string form)", {"200": _RECALLED}, errors=(422,)),
+    "v1.recall_batch": Operation("recallBatch", "Several recalls in one request",
+                                 {"200": _json(_ref("RecallBatchResult"), "One result per query.")},
+                                 errors=_BODY, body=_body(_ref("RecallBatch"))),
+    "v1.stats": Operation("stats", "Statistics", {"200": _json(_ref("Stats"), "Statistics.")}),
+    "v1.export": Operation("export", "Export every memory as NDJSON", {
+        "200": {"description": "One JSON object per line.", "content": {NDJSON: {"schema": _STRING}}}}),
+    "v1.import_": Operation("import", "Import NDJSON (as written by /v1/export)",
+                            {"200": _json(_ref("ImportResult"), "Import summary.")}, errors=_BODY + (507,),
+                            body=_body(_STRING, media=NDJSON)),
+    "v1.backup": Operation("backup", "Online backup into <home>/backups/",
+                           {"201": _json(_ref("BackupResult"), "Backup written.")}, errors=(413, 415, 507),
+                           body=_body({"type": "object", "additionalProperties": False, "maxProperties": 0},
+                                      required=False)),
+}
+
+
+def _operation(spec: Operation, scope: Optional[str], path_params: Sequence[str],
+               query_params: Sequence[str]) -> Dict[str, Any]:
+    op: Dict[str, Any] = {"operationId": spec.op_id, "summary": spec.summary, "responses": dict(spec.responses)}
+    if spec.description:
+        op["description"] = spec.description
+    if scope is None:
         op["security"] = []
     else:
-        op["description"] = (description + "\n\n" if description else "") + f"Scope: `{scope}`."
-        op["responses"].update(_errors(*sorted(set(_AUTHED) | set(errors))))
-    if body is not None:
-        op["requestBody"] = body
+        op["description"] = (spec.description + "\n\n" if spec.description else "") + f"Scope: `{scope}`."
+        codes = sorted(set(_AUTHED) | set(spec.errors))
+        op["responses"].update({str(c): _resp(_ERROR_NAMES[c]) for c in codes})
+    if spec.body is not None:
+        op["requestBody"] = spec.body
+    known = _params()
+    params = [dict(known[n], name=n, **{"in": "path"}) for n in path_params]
+    params += [dict(known[n], name=n, **{"in": "query"}) for n in query_params]
+    params += spec.headers
     if params:
-        op["parameters"] = list(params)
+        op["parameters"] = params
     return op
+
+
+def routes() -> List[Tuple[str, str, str, Any]]:
+    """``(rule, method, endpoint, view)`` of every documented route of the app, in registration order."""
+    from flask import Flask
+
+    from .web import api, pages
+
+    app = Flask(__name__)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue  # a <path:...> converter: no OpenAPI equivalent
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            out.append((rule.rule, method.lower(), rule.endpoint, app.view_functions[rule.endpoint]))
+    return out
 
 
 def build_openapi(version: str) -> Dict[str, Any]:
     """The OpenAPI 3.0.3 document for API version 1 of memento-edge ``version``."""
-    json_body = lambda schema, required=True: {  # noqa: E731 - tiny local helper
-        "required": required, "content": {JSON: {"schema": schema}}}
-    created_links = {"GetMemory": {"operationId": "getMemory",
-                                   "parameters": {"memory_id": "$response.body#/id"}},
-                     "UpdateMemory": {"operationId": "updateMemory",
-                                      "parameters": {"memory_id": "$response.body#/id"}},
-                     "DeleteMemory": {"operationId": "deleteMemory",
-                                      "parameters": {"memory_id": "$response.body#/id"}}}
-    remember_ok = {"oneOf": [_ref("RememberResult"), _ref("RememberBatchResult")]}
-    paths: Dict[str, Any] = {
-        "/": {"get": _op("indexPage", "The LAN web page", "", public=True, responses={
-            "200": {"description": "HTML page", "content": {"text/html": {"schema": _STRING}}}})},
-        "/healthz": {"get": _op("healthz", "Liveness (no auth, no database access)", "", public=True,
-                                responses={"200": _json(_ref("Health"), "The process answers.")})},
-        "/readyz": {"get": _op("readyz", "Readiness: database writable, model state, backend", "",
-                               public=True, responses={
-                                   "200": _json(_ref("Ready"), "Ready (the model may still be missing: "
-                                                               "see model.state)."),
-                                   "503": dict(_json(_ref("Ready"), "The database is not writable."),
-                                               headers=_retry_after_header())})},
-        "/metrics": {"get": _op("metrics", "Prometheus metrics (text format 0.0.4)", "read", responses={
-            "200": {"description": "Prometheus exposition text",
-                    "content": {"text/plain": {"schema": _STRING}}}})},
-        "/openapi.json": {"get": _op("openapi", "This document", "", public=True, responses={
-            "200": _json({"type": "object"}, "OpenAPI 3.0 document")})},
-        "/v1/memories": {
-            "post": _op("createMemories", "Remember one memory, or a batch", "write",
-                        description="Body: one memory, or `{\"items\": [...]}` (one transaction). "
-                                    "With `Idempotency-Key`, a retry returns the first result. "
-                                    "503 model_unavailable when the embedding model is missing.",
-                        body=json_body({"oneOf": [_ref("MemoryInput"), _ref("MemoryBatch")]}),
-                        params=[{"name": "Idempotency-Key", "in": "header", "required": False,
-                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200,
-                                            "pattern": "^[!-~]+$"}}],
-                        errors=_BODY + (409, 507),
-                        responses={"201": dict(_json(remember_ok, "Stored (id or items)."),
-                                               links=created_links),
-                                   "200": _json(remember_ok, "Already stored: nothing new was created.")}),
-            "get": _op("listMemories", "Most recent memories, paged", "read", errors=(422,), params=[
-                {"name": "collection", "in": "query", "schema": {"type": "string", "maxLength": 200}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
-                                                            "default": 20}},
-                {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                 "description": "next_cursor of the previous page."}],
-                responses={"200": _json(_ref("Page"), "A page of memories, newest first.")}),
-        },
-        "/v1/memories/{memory_id}": {
-            "get": _op("getMemory", "One memory", "read", params=[_MEMORY_ID], errors=(404,),
-                       responses={"200": _json(_ref("Memory"), "The memory.")}),
-            "patch": _op("updateMemory", "Change fields of a memory", "write", params=[_MEMORY_ID],
-                         body=json_body(_ref("MemoryPatch")), errors=_BODY + (404, 507),
-                         responses={"200": _json(_ref("Memory"), "The updated memory.")}),
-            "delete": _op("deleteMemory", "Delete a memory", "write", params=[_MEMORY_ID],
-                          errors=(404, 507), responses={"204": {"description": "Deleted."}}),
-        },
-        "/v1/recall": {
-            "post": _op("recall", "Recall by meaning and words", "read",
-                        body=json_body(_ref("RecallRequest")),
-                        errors=_BODY, description="Without the model, hybrid/vector recall answers in "
-                                                  "keyword mode and says so in `mode` and `note`.",
-                        responses={"200": _json(_ref("RecallResult"), "Ranked hits.")}),
-            "get": _op("recallGet", "Recall (query-string form)", "read", errors=(422,), params=[
-                {"name": "q", "in": "query", "required": True,
-                 "schema": {"type": "string", "minLength": 1, "maxLength": 1000}},
-                {"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                {"name": "mode", "in": "query", "schema": {"type": "string",
-                                                           "enum": ["hybrid", "vector", "keyword"]}},
-                {"name": "collection", "in": "query", "schema": {"type": "string", "maxLength": 200}}],
-                responses={"200": _json(_ref("RecallResult"), "Ranked hits.")}),
-        },
-        "/v1/recall/batch": {"post": _op(
-            "recallBatch", "Several recalls in one request", "read", body=json_body(_ref("RecallBatch")),
-            errors=_BODY, responses={"200": _json(_ref("RecallBatchResult"), "One result per query.")})},
-        "/v1/stats": {"get": _op("stats", "Statistics", "read",
-                                 responses={"200": _json(_ref("Stats"), "Statistics.")})},
-        "/v1/export": {"get": _op("export", "Export every memory as NDJSON", "read", responses={
-            "200": {"description": "One JSON object per line.",
-                    "content": {NDJSON: {"schema": _STRING}}}})},
-        "/v1/import": {"post": _op(
-            "import", "Import NDJSON (as written by /v1/export)", "write", errors=_BODY + (507,),
-            body={"required": True, "content": {NDJSON: {"schema": {"type": "string"}}}},
-            responses={"200": _json(_ref("ImportResult"), "Import summary.")})},
-        "/v1/backup": {"post": _op(
-            "backup", "Online backup into <home>/backups/", "admin", errors=(413, 415, 507),
-            body=json_body({"type": "object", "additionalProperties": False, "maxProperties": 0},
-                           required=False),
-            responses={"201": _json(_ref("BackupResult"), "Backup written.")})},
-    }
+    from .web.access import route_template
+
+    paths: Dict[str, Any] = {}
+    for rule, method, endpoint, view in routes():
+        path = route_template(rule)
+        path_params = [seg[1:-1] for seg in path.split("/") if seg.startswith("{")]
+        query = sorted(getattr(view, "query_params", ()), key=list(_params()).index)
+        paths.setdefault(path, {})[method] = _operation(
+            OPERATIONS[endpoint], getattr(view, "required_scope", None), path_params, query)
+    # POST /mcp is one JSON-RPC endpoint: its own package describes it (and its schemas).
     from .mcp.openapi import mcp_path, mcp_schemas
 
     paths["/mcp"] = mcp_path()

@@ -53,10 +53,11 @@ class Field:
     nullable: bool = False
     min_length: Optional[int] = None      # strings
     max_length: Optional[int] = None      # strings (metadata: its JSON text)
-    minimum: Optional[float] = None       # numbers, times (Unix seconds)
+    minimum: Optional[float] = None       # numbers; times in Unix seconds (also ISO-8601 strings)
     maximum: Optional[float] = None
     max_items: Optional[int] = None       # lists
     item_max_length: Optional[int] = None  # list[str] items
+    max_key_length: Optional[int] = None  # keys of an object
     enum: Optional[Tuple[str, ...]] = None
     default: Any = None
     int64: bool = False                   # an integer stored by SQLite
@@ -137,9 +138,10 @@ FILTER_FIELDS = _table(
     _name("source"),
     _name("session_id"),
     Field("min_importance", "number", minimum=0, maximum=1),
-    Field("since", "str", "ISO-8601 timestamp (inclusive)."),
-    Field("until", "str", "ISO-8601 timestamp (exclusive)."),
-    Field("metadata", "object", "Equality on top-level metadata keys."),
+    Field("since", "str", "ISO-8601 timestamp (inclusive).", minimum=MIN_TIMESTAMP, maximum=MAX_TIMESTAMP),
+    Field("until", "str", "ISO-8601 timestamp (exclusive).", minimum=MIN_TIMESTAMP, maximum=MAX_TIMESTAMP),
+    Field("metadata", "object", "Equality on top-level metadata keys (strings, numbers, booleans or null).",
+          max_key_length=MAX_METADATA_KEY_CHARS),
     Field("untrusted_time", "str", "Memories whose time is unverified (clock_trusted false): include matches "
                                    "them by their stamped time, exclude leaves them out.",
           enum=UNTRUSTED_TIME, default="include"),
