@@ -6,10 +6,8 @@ that :mod:`.errors` maps onto the one JSON error shape.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
-import json
 import re
 import secrets
 import time
@@ -21,7 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Tuple
 from flask import Blueprint, Response, g, jsonify, request
 
 from .. import __version__
-from ..errors import Busy, Conflict, EmbedTimeout
+from ..errors import Busy
 from ..governor import malloc_trim
 from ..schema import (CREATE_FIELDS, DEFAULT_LIST_LIMIT, FILTER_FIELDS, MAX_BATCH_ITEMS, MAX_BATCH_QUERIES,
                       MAX_CURSOR_DIGITS, MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_TEXT_CHARS, MAX_TOPK,
@@ -45,35 +43,22 @@ _FILTER_TYPES = wire_types(FILTER_FIELDS)
 @requires("write")
 def create_memories() -> Response:
     """One memory (``{"text": ...}``) or a batch (``{"items": [...]}``); honours Idempotency-Key."""
+    service = state().service
     with _large_write_slot(state()):
         body = json_body()
         key = idempotency_key()
+        items, batch = _create_items(body)
         if key is None:
-            return _created_response(*_create(state(), body))
-        return _create_idempotent(state(), body, key)
-
-
-def _create_idempotent(st: AppState, body: Dict[str, Any], key: str) -> Response:
-    # Keys are per principal (two agents may pick the same key); hashed so the stored key has a
-    # fixed length whatever the token name and key length.
-    scoped_key = hashlib.sha256(f"{g.principal.name}\0{key}".encode("utf-8")).hexdigest()
-    request_hash = hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    ).hexdigest()
-    lock = st.idem_locks[hash(scoped_key) % len(st.idem_locks)]
-    with lock:
-        stored = st.memory.idempotency_get(scoped_key)
-        if stored is not None:
-            stored_hash, stored_status, stored_body = stored
-            if stored_hash != request_hash:
-                raise Conflict("this Idempotency-Key was already used with a different request body",
-                               field="Idempotency-Key")
-            resp = _created_response(int(stored_status), json.loads(stored_body))
-            resp.headers["Idempotent-Replayed"] = "true"
-            return resp
-        status, payload = _create(st, body)
-        st.memory.idempotency_put(scoped_key, request_hash, status, json.dumps(payload, separators=(",", ":")))
-    return _created_response(status, payload)
+            created = service.remember(items, batch=batch)
+        else:
+            created = service.remember_once(items, batch=batch, key=key, request=body, owner=g.principal.name)
+    resp = jsonify(created.payload)
+    resp.status_code = 201 if created.created else 200
+    if "id" in created.payload:
+        resp.headers["Location"] = f"/v1/memories/{created.payload['id']}"
+    if created.replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
 
 
 # Write bodies above this size are handled one at a time, and refused *before they are read and parsed*
@@ -108,34 +93,19 @@ def _memory_kwargs(obj: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return kwargs
 
 
-def _create(st: AppState, body: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
-    if "items" in body:
-        if set(body) != {"items"}:
-            extra = sorted(set(body) - {"items"})[0]
-            raise bad(f"a batch body holds only 'items' (got {extra!r})", extra)
-        items = body["items"]
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise bad("items must be a list of memory objects", "items")
-        if not 1 <= len(items) <= MAX_BATCH_ITEMS:
-            raise unprocessable(f"items must hold 1 to {MAX_BATCH_ITEMS} memories", "items")
-        prepared = [_memory_kwargs(item, prefix=f"items[{i}].") for i, item in enumerate(items)]
-        with st.governor.embedding():
-            results = st.memory.remember_many(prepared, progress=st.governor.pace)
-        out = [r.to_dict() for r in results]
-        return (201 if any(r["created"] for r in out) else 200), {"items": out}
-    kwargs = _memory_kwargs(body)
-    with st.governor.embedding():
-        # remember_many, not remember: it also takes created_at (remember() has no such argument).
-        payload = st.memory.remember_many([kwargs])[0].to_dict()
-    return (201 if payload["created"] else 200), payload
-
-
-def _created_response(status: int, payload: Dict[str, Any]) -> Response:
-    resp = jsonify(payload)
-    resp.status_code = status
-    if "id" in payload:
-        resp.headers["Location"] = f"/v1/memories/{payload['id']}"
-    return resp
+def _create_items(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], bool]:
+    """The memories of a create body and whether it is a batch; 400/422 for a malformed one."""
+    if "items" not in body:
+        return [_memory_kwargs(body)], False
+    if set(body) != {"items"}:
+        extra = sorted(set(body) - {"items"})[0]
+        raise bad(f"a batch body holds only 'items' (got {extra!r})", extra)
+    items = body["items"]
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise bad("items must be a list of memory objects", "items")
+    if not 1 <= len(items) <= MAX_BATCH_ITEMS:
+        raise unprocessable(f"items must hold 1 to {MAX_BATCH_ITEMS} memories", "items")
+    return [_memory_kwargs(item, prefix=f"items[{i}].") for i, item in enumerate(items)], True
 
 
 @bp.get("/memories")
@@ -164,15 +134,8 @@ def get_memory(memory_id: int) -> Response:
 @requires("write")
 def update_memory(memory_id: int) -> Response:
     """Change some fields; omitted fields are kept. Changing ``text`` re-embeds it."""
-    st = state()
     existing_id(memory_id)
-    changes = _patch_kwargs(json_body())
-    if "text" in changes:
-        with st.governor.embedding():
-            record = st.memory.update(memory_id, **changes)
-    else:
-        record = st.memory.update(memory_id, **changes)
-    return jsonify(record.to_dict())
+    return jsonify(state().service.update(memory_id, **_patch_kwargs(json_body())).to_dict())
 
 
 def _patch_kwargs(body: Dict[str, Any]) -> Dict[str, Any]:
@@ -208,32 +171,11 @@ def _recall_kwargs(obj: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return kwargs
 
 
-def _needs_model(mode: Any) -> bool:
-    return mode != "keyword"
-
-
-def _recall(st: AppState, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    mode = kwargs.get("mode", "hybrid")
-    if not _needs_model(mode) or mode not in ("hybrid", "vector"):
-        return st.memory.recall(**kwargs).to_dict()  # keyword (or an invalid mode: engine says 422)
-    try:
-        with st.governor.embedding():
-            return st.memory.recall(**kwargs).to_dict()
-    except Busy as exc:
-        if isinstance(exc, EmbedTimeout) or st.governor.state != "hard":
-            raise
-        # Under memory pressure recall is not shed but answered by keyword, like the engine does
-        # when the model is missing: the agent still gets results, and the reason.
-        result = st.memory.recall(**dict(kwargs, mode="keyword"))
-        result.note = f"{mode} recall unavailable under memory pressure, answered by keyword"
-        return result.to_dict()
-
-
 @bp.post("/recall")
 @requires("read")
 def recall_post() -> Response:
     """Recall by meaning and words: ``{"query", "topk", "mode", "filters"}``."""
-    return jsonify(_recall(state(), _recall_kwargs(json_body())))
+    return jsonify(state().service.recall(**_recall_kwargs(json_body())).to_dict())
 
 
 @bp.get("/recall")
@@ -254,7 +196,7 @@ def recall_get() -> Response:
     collection = query_str("collection", max_len=MAX_NAME_CHARS)
     if collection:
         kwargs["filters"] = {"collection": collection}
-    return jsonify(_recall(state(), kwargs))
+    return jsonify(state().service.recall(**kwargs).to_dict())
 
 
 @bp.post("/recall/batch")
@@ -267,23 +209,7 @@ def recall_batch() -> Response:
     if not 1 <= len(queries) <= MAX_BATCH_QUERIES:
         raise unprocessable(f"queries must hold 1 to {MAX_BATCH_QUERIES} recalls", "queries")
     prepared = [_recall_kwargs(q, prefix=f"queries[{i}].") for i, q in enumerate(queries)]
-    return jsonify({"results": [r.to_dict() for r in _recall_many(state(), prepared)]})
-
-
-def _recall_many(st: AppState, prepared: List[Dict[str, Any]]) -> List[Any]:
-    if not any(_needs_model(q.get("mode", "hybrid")) for q in prepared):
-        return st.memory.recall_many(prepared)
-    if st.governor.state == "hard":
-        pressure = [dict(q, mode="keyword") if q.get("mode", "hybrid") in ("hybrid", "vector") else q
-                    for q in prepared]
-        results = st.memory.recall_many(pressure)
-        for q, r in zip(prepared, results):
-            if q.get("mode", "hybrid") in ("hybrid", "vector"):
-                r.note = f"{q.get('mode', 'hybrid')} recall unavailable under memory pressure, " \
-                         "answered by keyword"
-        return results
-    with st.governor.embedding():
-        return st.memory.recall_many(prepared)
+    return jsonify({"results": [r.to_dict() for r in state().service.recall_many(prepared)]})
 
 
 # --- the whole database -----------------------------------------------------------------------------
@@ -355,10 +281,7 @@ def import_() -> Response:
     """NDJSON body (one memory object per line, as ``/v1/export`` writes). Bounded by max_body_bytes."""
     st = state()
     with _large_write_slot(st):
-        text = ndjson_body()
-        with st.governor.embedding():
-            result = st.memory.import_jsonl(io.StringIO(text), progress=st.governor.pace)
-    return jsonify(result.to_dict())
+        return jsonify(st.service.import_jsonl(io.StringIO(ndjson_body())).to_dict())
 
 
 @bp.post("/backup")

@@ -11,6 +11,7 @@ from ..auth import LiveTokens, is_loopback
 from ..device import public_status
 from ..errors import MementoError, ModelUnavailable
 from ..governor import Governor
+from ..service import Service
 from .metrics import Metrics
 from .ratelimit import RateLimiter
 
@@ -31,13 +32,20 @@ class AppState:
         self.tokens = LiveTokens(settings.tokens or (), settings.config_file)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.metrics = Metrics()
-        self.governor = Governor(settings.rss_limit_mb, lambda: memory.embedder,
-                                 idle_unload_minutes=settings.idle_unload_minutes)
+        self.service = Service(memory, Governor(settings.rss_limit_mb, lambda: memory.embedder,
+                                                idle_unload_minutes=settings.idle_unload_minutes))
         # One large write body (parse + embed) at a time: see api._large_write_slot.
         self.large_writes = threading.BoundedSemaphore(1)
-        # Striped locks serialise requests that share an idempotency key (check-then-act race).
-        self.idem_locks = [threading.Lock() for _ in range(64)]
         self.openapi_doc: Optional[Dict[str, Any]] = None
+
+    @property
+    def governor(self) -> Governor:
+        """The memory governor (the service's: the rules it drives live there)."""
+        return self.service.governor
+
+    @governor.setter
+    def governor(self, governor: Governor) -> None:
+        self.service.governor = governor
 
     @property
     def embedder(self) -> Any:
