@@ -824,12 +824,19 @@ class Store:
                 "m.created_at, m.updated_at, m.content_hash, m.clock_trusted, "
                 "(SELECT json_group_array(tag) FROM memory_tags t WHERE t.memory_id = m.id) AS tags")
 
+    def _select(self, c: sqlite3.Connection, tail: str, params: Sequence[Any]) -> List[Dict[str, Any]]:
+        """Memories ``SELECT``ed with ``_COLUMNS`` and the SQL ``tail`` (WHERE / ORDER BY / LIMIT)."""
+        cur = c.cursor()
+        cur.row_factory = sqlite3.Row  # read by name: the SELECT list can change without breaking _row
+        return [self._row(r) for r in cur.execute(f"SELECT {self._COLUMNS} FROM memories m {tail}", params)]
+
     @staticmethod
     def _row(r: sqlite3.Row) -> Dict[str, Any]:
         return {
-            "id": r[0], "text": r[1], "collection": r[2], "source": r[3], "session_id": r[4],
-            "importance": r[5], "metadata": _load_metadata(r[6]), "created_at": r[7], "updated_at": r[8],
-            "content_hash": r[9], "clock_trusted": bool(r[10]), "tags": sorted(json.loads(r[11])) if r[11] else [],
+            "id": r["id"], "text": r["text"], "collection": r["collection"], "source": r["source"],
+            "session_id": r["session_id"], "importance": r["importance"], "metadata": _load_metadata(r["metadata"]),
+            "created_at": r["created_at"], "updated_at": r["updated_at"], "content_hash": r["content_hash"],
+            "clock_trusted": bool(r["clock_trusted"]), "tags": sorted(json.loads(r["tags"])) if r["tags"] else [],
         }
 
     def get_many(self, ids: Sequence[int], conn: Optional[sqlite3.Connection] = None) -> Dict[int, Dict[str, Any]]:
@@ -841,8 +848,8 @@ class Store:
             for start in range(0, len(ids), 500):
                 part = list(ids[start:start + 500])
                 marks = ",".join("?" * len(part))
-                for r in c.execute(f"SELECT {self._COLUMNS} FROM memories m WHERE m.id IN ({marks})", part):
-                    out[r[0]] = self._row(r)
+                for row in self._select(c, f"WHERE m.id IN ({marks})", part):
+                    out[row["id"]] = row
         return out
 
     def get(self, memory_id: int) -> Optional[Dict[str, Any]]:
@@ -859,20 +866,16 @@ class Store:
             where.append("m.id < ?")
             params.append(before_id)
         with self.reader() as c:
-            rows = c.execute(f"SELECT {self._COLUMNS} FROM memories m WHERE {' AND '.join(where)} "
-                             f"ORDER BY m.id DESC LIMIT ?", [*params, limit]).fetchall()
-        return [self._row(r) for r in rows]
+            return self._select(c, f"WHERE {' AND '.join(where)} ORDER BY m.id DESC LIMIT ?", [*params, limit])
 
     def iter_rows(self, batch: int = 500) -> Iterator[List[Dict[str, Any]]]:
         """Every memory in id order, ``batch`` rows at a time (bounded memory for export/reindex)."""
         last = 0
         while True:
             with self.reader() as c:
-                rows = c.execute(f"SELECT {self._COLUMNS} FROM memories m WHERE m.id > ? ORDER BY m.id LIMIT ?",
-                                 (last, batch)).fetchall()
-            if not rows:
+                out = self._select(c, "WHERE m.id > ? ORDER BY m.id LIMIT ?", (last, batch))
+            if not out:
                 return
-            out = [self._row(r) for r in rows]
             last = out[-1]["id"]
             yield out
 
