@@ -36,6 +36,7 @@ import numpy as np
 
 from .config import Settings
 from .errors import EmbedTimeout, ModelUnavailable
+from .governor import malloc_trim
 from .model import MANIFEST_FILE, TOKENIZER_FILE, load_manifest, verify_model_dir
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class Embedder(Protocol):
 
     def unload(self) -> None:
         """Free the model; the next embed loads it again."""
+        ...
+
+    def start_warmup(self) -> threading.Thread:
+        """Load the model in a daemon thread (``settings.warmup``); failures are only logged."""
         ...
 
     def stats(self) -> Dict[str, Any]:
@@ -373,16 +378,6 @@ def tune_malloc() -> None:
         pass
 
 
-def _malloc_trim() -> None:
-    """Hand freed heap back to the OS after an unload (glibc keeps it otherwise); best effort."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class CachedEmbedding:
     """``embed`` / ``embed_batch`` over the LRU cache, shared by the onnxruntime and numpy embedders.
 
@@ -442,7 +437,223 @@ class CachedEmbedding:
         return out
 
 
-class OnnxEmbedder(CachedEmbedding):
+class LazyModel(CachedEmbedding):
+    """The model lifecycle both real embedders share: lazy, thread-safe load; in-flight runs counted so
+    an unload waits for them; idle unload; close; background warm-up; load/unload counters.
+
+    Subclasses set ``settings`` and ``model_dir``, call :meth:`_init_lifecycle`, and provide
+    ``fingerprint``, ``_create_runtime()`` (the loaded model, any object; raise ModelUnavailable) and
+    ``_infer``. A run takes the runtime with :meth:`_acquire` and gives it back with :meth:`_release`.
+    """
+
+    settings: Settings
+    model_dir: Any
+    _THREAD_PREFIX = "memento-embedder"
+
+    def _init_lifecycle(self) -> None:
+        # State below is guarded by _cond.
+        self._cond = threading.Condition(threading.Lock())
+        self._runtime: Any = None
+        self._loading = False
+        self._unloading = False
+        self._inflight = 0
+        self._generation = 0
+        self._closed = False
+        self._last_used = time.monotonic()
+        self._loaded_fingerprint: Optional[str] = None
+        self._stats_lock = threading.Lock()
+        self.load_count = 0
+        self.unload_count = 0
+        self.timeouts = 0
+        self.load_ms: Optional[float] = None
+        self.last_embed_ms: Optional[float] = None
+        self.last_error: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:  # pragma: no cover - provided by the embedder
+        """The model's manifest fingerprint, without loading it."""
+        raise NotImplementedError
+
+    def _create_runtime(self) -> Any:  # pragma: no cover - provided by the embedder
+        raise NotImplementedError
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory."""
+        with self._cond:
+            return self._runtime is not None
+
+    def load(self) -> None:
+        """Load the model now (no-op when loaded; waits if another thread is loading)."""
+        self._acquire(time.monotonic() + max(float(self.settings.request_timeout), 0.0), wait=True)
+        self._release()
+
+    def _acquire(self, deadline: float, *, wait: bool = True) -> Any:
+        """The runtime, with the in-flight counter raised; loads it if needed.
+
+        Waiting for another thread's load or unload is bounded by ``deadline`` (EmbedTimeout).
+        The thread that loads is not interrupted (a half-created model is useless).
+        """
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ModelUnavailable("embedder is closed")
+                if self._runtime is not None and not self._unloading:
+                    self._inflight += 1
+                    self._last_used = time.monotonic()
+                    return self._runtime
+                if not self._loading and not self._unloading:
+                    self._loading = True
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not wait:
+                    self._count_timeout()
+                    raise EmbedTimeout("timed out waiting for the embedding model to load",
+                                       retry_after=max(1.0, self.settings.request_timeout / 4))
+                self._cond.wait(remaining)
+        return self._load_as_loader()
+
+    def _load_as_loader(self) -> Any:
+        # Called by the one thread that set _loading; loads outside the lock so stats()/loaded stay
+        # responsive.
+        start = time.perf_counter()
+        try:
+            runtime = self._create_runtime()
+        except ModelUnavailable as exc:
+            self._loader_failed(str(exc))
+            raise
+        except Exception as exc:   # runtime / tokenizer errors: corrupt or incompatible files
+            self._loader_failed(repr(exc))
+            raise ModelUnavailable(f"cannot load the embedding model from {self.model_dir}: {exc}") from exc
+        elapsed = (time.perf_counter() - start) * 1000.0
+        try:
+            fp: Optional[str] = self.fingerprint
+        except ModelUnavailable:
+            fp = None
+        with self._cond:
+            if fp != self._loaded_fingerprint:
+                # A different model: cached vectors belong to the old one.
+                self.cache.clear()
+                self._loaded_fingerprint = fp
+            self._runtime = runtime
+            self._loading = False
+            self._generation += 1
+            self._inflight += 1
+            self._last_used = time.monotonic()
+            self.load_count += 1
+            self.load_ms = round(elapsed, 1)
+            self.last_error = None
+            self._cond.notify_all()
+            self._start_idle_watch_locked()
+            log.info("embedding model loaded from %s in %.0f ms", self.model_dir, elapsed)
+            return runtime
+
+    def _loader_failed(self, message: str) -> None:
+        with self._cond:
+            self._loading = False
+            self.last_error = message
+            self._cond.notify_all()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self._last_used = time.monotonic()
+            self._cond.notify_all()
+
+    def unload(self) -> None:
+        """Free the model once in-flight runs finish; the next call reloads it."""
+        with self._cond:
+            while self._unloading:          # another unload is on it
+                self._cond.wait()
+            if self._runtime is None and not self._loading:
+                return
+            self._unloading = True
+            try:
+                while self._inflight > 0 or self._loading:
+                    self._cond.wait()
+                self._drop_locked("requested")
+            finally:
+                self._unloading = False
+                self._cond.notify_all()
+        malloc_trim()
+
+    def _drop_locked(self, reason: str) -> None:
+        if self._runtime is None:
+            return
+        self._runtime = None
+        self._generation += 1
+        self.unload_count += 1
+        log.info("embedding model unloaded (%s)", reason)
+
+    def close(self) -> None:
+        """Unload and refuse further work (stops the idle watcher)."""
+        self.unload()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __enter__(self) -> "LazyModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start_idle_watch_locked(self) -> None:
+        minutes = float(self.settings.idle_unload_minutes or 0.0)
+        if minutes <= 0:
+            return
+        threading.Thread(target=self._idle_watch, args=(self._generation, minutes * 60.0),
+                         name=f"{self._THREAD_PREFIX}-idle", daemon=True).start()
+
+    def _idle_watch(self, generation: int, idle_s: float) -> None:
+        """Unload after ``idle_s`` without use; exits when this model is gone (a reload starts anew)."""
+        unloaded = False
+        with self._cond:
+            while (not self._closed and self._runtime is not None and self._generation == generation):
+                remaining = self._last_used + idle_s - time.monotonic()
+                if remaining <= 0 and self._inflight == 0 and not self._unloading:
+                    self._drop_locked(f"idle for {idle_s / 60:.1f} min")
+                    self._cond.notify_all()
+                    unloaded = True
+                    break
+                # Busy (in flight) with the idle time already spent: re-check when a run releases.
+                self._cond.wait(remaining if remaining > 0 else idle_s)
+        if unloaded:
+            malloc_trim()
+
+    def start_warmup(self) -> threading.Thread:
+        """Load the model and run one tiny inference in a daemon thread (``settings.warmup``).
+
+        The one warm-up path: ``web.serve`` calls it; a failure is only logged (a missing model is
+        reported by the first real call too, and recall degrades to keyword search meanwhile).
+        """
+        def warm() -> None:
+            try:
+                self._infer(["warm up"])
+                log.info("embedding model warmed up")
+            except Exception as exc:
+                log.warning("embedding model warm-up failed: %s", exc)
+
+        t = threading.Thread(target=warm, name=f"{self._THREAD_PREFIX}-warmup", daemon=True)
+        t.start()
+        return t
+
+    def _lifecycle_stats(self) -> Dict[str, Any]:
+        """The stats keys both embedders report."""
+        try:
+            fp: Optional[str] = self.fingerprint
+        except ModelUnavailable:
+            fp = None
+        with self._cond:
+            loaded, inflight = self._runtime is not None, self._inflight
+        with self._stats_lock:
+            return {"loaded": loaded, "backend": getattr(self, "backend", None), "model_dir": str(self.model_dir),
+                    "fingerprint": fp, "cache": self.cache.stats(), "load_count": self.load_count,
+                    "unload_count": self.unload_count, "timeouts": self.timeouts, "in_flight": inflight,
+                    "load_ms": self.load_ms, "last_embed_ms": self.last_embed_ms, "last_error": self.last_error}
+
+
+class OnnxEmbedder(LazyModel):
     """The production embedder: int8 MiniLM on onnxruntime, with an LRU cache (see module doc)."""
 
     dim = DIM
@@ -464,30 +675,10 @@ class OnnxEmbedder(CachedEmbedding):
         self._slots = threading.BoundedSemaphore(self.max_concurrent_runs)
         self._watchdog = Watchdog("memento-embed-timeout")
 
-        # State below is guarded by _cond.
-        self._cond = threading.Condition(threading.Lock())
-        self._session: Any = None
-        self._tokenizer: Any = None
-        self._loading = False
-        self._unloading = False
-        self._inflight = 0
-        self._generation = 0
-        self._closed = False
-        self._last_used = time.monotonic()
-        self._loaded_fingerprint: Optional[str] = None
-        self._idle_thread: Optional[threading.Thread] = None
-        self._warmup_thread: Optional[threading.Thread] = None
-
+        self._init_lifecycle()
         self._manifest_cache: Optional[Tuple[Tuple[int, int], str]] = None
-        self._stats_lock = threading.Lock()
         self.embed_count = 0
         self.run_count = 0
-        self.load_count = 0
-        self.unload_count = 0
-        self.timeouts = 0
-        self.load_ms: Optional[float] = None
-        self.last_embed_ms: Optional[float] = None
-        self.last_error: Optional[str] = None
 
     # --- identity ---------------------------------------------------------------------------
     @property
@@ -508,10 +699,10 @@ class OnnxEmbedder(CachedEmbedding):
         return fp
 
     @property
-    def loaded(self) -> bool:
-        """Whether a session is in memory."""
-        with self._cond:
-            return self._session is not None
+    def _session(self) -> Any:
+        """The onnxruntime session, or None when unloaded (the runtime is ``(session, tokenizer)``)."""
+        runtime = self._runtime
+        return None if runtime is None else runtime[0]
 
     # --- loading ----------------------------------------------------------------------------
     def _session_options(self) -> Any:
@@ -557,159 +748,13 @@ class OnnxEmbedder(CachedEmbedding):
                                            providers=["CPUExecutionProvider"])
         return session, tokenizer
 
-    def load(self) -> None:
-        """Load the model now (no-op when loaded; waits if another thread is loading)."""
-        session, _tok = self._acquire(time.monotonic() + max(self.settings.request_timeout, 0.0), wait=True)
-        self._release()
-        del session
-
-    def _acquire(self, deadline: float, *, wait: bool = True) -> Tuple[Any, Any]:
-        """Return ``(session, tokenizer)`` with the in-flight counter raised; loads if needed.
-
-        Waiting for another thread's load or unload is bounded by ``deadline`` (EmbedTimeout).
-        The thread that loads is not interrupted (a half-created session is useless).
-        """
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise ModelUnavailable("embedder is closed")
-                if self._session is not None and not self._unloading:
-                    self._inflight += 1
-                    self._last_used = time.monotonic()
-                    return self._session, self._tokenizer
-                if not self._loading and not self._unloading:
-                    self._loading = True
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not wait:
-                    self._count_timeout()
-                    raise EmbedTimeout("timed out waiting for the embedding model to load",
-                                       retry_after=max(1.0, self.settings.request_timeout / 4))
-                self._cond.wait(remaining)
-        # We are the loader; load outside the lock so stats()/loaded stay responsive.
-        start = time.perf_counter()
-        try:
-            session, tokenizer = self._create_runtime()
-        except ModelUnavailable as exc:
-            self._loader_failed(str(exc))
-            raise
-        except Exception as exc:   # onnxruntime / tokenizers errors: corrupt or incompatible files
-            self._loader_failed(repr(exc))
-            raise ModelUnavailable(f"cannot load the embedding model from {self.model_dir}: {exc}") from exc
-        elapsed = (time.perf_counter() - start) * 1000.0
-        try:
-            fp: Optional[str] = self.fingerprint
-        except ModelUnavailable:
-            fp = None
-        with self._cond:
-            if fp != self._loaded_fingerprint:
-                # A different model: cached vectors belong to the old one.
-                self.cache.clear()
-                self._loaded_fingerprint = fp
-            self._session, self._tokenizer = session, tokenizer
-            self._loading = False
-            self._generation += 1
-            self._inflight += 1
-            self._last_used = time.monotonic()
-            self.load_count += 1
-            self.load_ms = round(elapsed, 1)
-            self.last_error = None
-            self._cond.notify_all()
-            self._start_idle_watch_locked()
-            log.info("embedding model loaded from %s in %.0f ms", self.model_dir, elapsed)
-            return session, tokenizer
-
-    def _loader_failed(self, message: str) -> None:
-        with self._cond:
-            self._loading = False
-            self.last_error = message
-            self._cond.notify_all()
-
-    def _release(self) -> None:
-        with self._cond:
-            self._inflight -= 1
-            self._last_used = time.monotonic()
-            self._cond.notify_all()
-
-    def unload(self) -> None:
-        """Free the session and tokenizer once in-flight runs finish; the next call reloads."""
-        with self._cond:
-            while self._unloading:          # another unload is on it
-                self._cond.wait()
-            if self._session is None and not self._loading:
-                return
-            self._unloading = True
-            try:
-                while self._inflight > 0 or self._loading:
-                    self._cond.wait()
-                self._drop_locked("requested")
-            finally:
-                self._unloading = False
-                self._cond.notify_all()
-        _malloc_trim()
-
-    def _drop_locked(self, reason: str) -> None:
-        if self._session is None:
-            return
-        self._session = None
-        self._tokenizer = None
-        self._generation += 1
-        self.unload_count += 1
-        log.info("embedding model unloaded (%s)", reason)
-
     def close(self) -> None:
-        """Unload and refuse further work (stops the idle watcher)."""
-        self.unload()
+        """Unload, refuse further work and stop the timeout watchdog."""
+        super().close()
         self._watchdog.stop()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
     def __enter__(self) -> "OnnxEmbedder":
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # --- background threads -----------------------------------------------------------------
-    def _start_idle_watch_locked(self) -> None:
-        minutes = float(self.settings.idle_unload_minutes or 0.0)
-        if minutes <= 0:
-            return
-        gen = self._generation
-        t = threading.Thread(target=self._idle_watch, args=(gen, minutes * 60.0),
-                             name="memento-embedder-idle", daemon=True)
-        self._idle_thread = t
-        t.start()
-
-    def _idle_watch(self, generation: int, idle_s: float) -> None:
-        """Unload after ``idle_s`` without use; exits when this session is gone (a reload starts anew)."""
-        unloaded = False
-        with self._cond:
-            while (not self._closed and self._session is not None and self._generation == generation):
-                remaining = self._last_used + idle_s - time.monotonic()
-                if remaining <= 0 and self._inflight == 0 and not self._unloading:
-                    self._drop_locked(f"idle for {idle_s / 60:.1f} min")
-                    self._cond.notify_all()
-                    unloaded = True
-                    break
-                # Busy (in flight) with the idle time already spent: re-check when a run releases.
-                self._cond.wait(remaining if remaining > 0 else idle_s)
-        if unloaded:
-            _malloc_trim()
-
-    def start_warmup(self) -> threading.Thread:
-        """Load the model and run one tiny inference in a daemon thread (``settings.warmup``)."""
-        def warm() -> None:
-            try:
-                self._infer(["warm up"])
-            except Exception as exc:  # a missing model is reported by the first real call too
-                log.warning("embedding model warm-up failed: %s", exc)
-
-        t = threading.Thread(target=warm, name="memento-embedder-warmup", daemon=True)
-        self._warmup_thread = t
-        t.start()
-        return t
 
     # --- embedding --------------------------------------------------------------------------
     def _infer(self, texts: List[str]) -> np.ndarray:
@@ -791,33 +836,11 @@ class OnnxEmbedder(CachedEmbedding):
     # --- stats ------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """loaded, backend, fingerprint, cache counters, embed/run/load counters and timings."""
-        try:
-            fp: Optional[str] = self.fingerprint
-        except ModelUnavailable:
-            fp = None
-        with self._cond:
-            loaded = self._session is not None
-            inflight = self._inflight
+        out = self._lifecycle_stats()
         with self._stats_lock:
-            return {
-                "loaded": loaded,
-                "backend": self.backend,
-                "model_dir": str(self.model_dir),
-                "fingerprint": fp,
-                "profile": self.options.profile,
-                "options": asdict(self.options),
-                "cache": self.cache.stats(),
-                "embed_count": self.embed_count,
-                "run_count": self.run_count,
-                "load_count": self.load_count,
-                "unload_count": self.unload_count,
-                "timeouts": self.timeouts,
-                "in_flight": inflight,
-                "max_concurrent_runs": self.max_concurrent_runs,
-                "load_ms": self.load_ms,
-                "last_embed_ms": self.last_embed_ms,
-                "last_error": self.last_error,
-            }
+            out.update(profile=self.options.profile, options=asdict(self.options), embed_count=self.embed_count,
+                       run_count=self.run_count, max_concurrent_runs=self.max_concurrent_runs)
+        return out
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int) -> List[List[int]]:
@@ -846,7 +869,8 @@ def make_embedder(settings: Settings, options: Optional[EmbedderOptions] = None,
 
     onnxruntime + tokenizers when both import (x86, aarch64, armv7 with wheels), else the numpy
     int8 fallback of :mod:`memento_edge.fallback` (armv6, same weights). ``backend`` forces one
-    ("onnxruntime" or "numpy-int8"). Starts the background warm-up when ``settings.warmup``.
+    ("onnxruntime" or "numpy-int8"). The model loads on first use (``web.serve`` warms it up when
+    ``settings.warmup``).
     """
     embedder: Any
     want = backend
@@ -870,8 +894,6 @@ def make_embedder(settings: Settings, options: Optional[EmbedderOptions] = None,
         embedder = NumpyEmbedder(settings)
     else:
         raise ValueError(f"unknown embedder backend {backend!r}")
-    if settings.warmup and hasattr(embedder, "start_warmup"):
-        embedder.start_warmup()
     return embedder
 
 
@@ -930,6 +952,12 @@ class FakeEmbedder:
             if self._loaded:
                 self._loaded = False
                 self.unload_count += 1
+
+    def start_warmup(self) -> threading.Thread:
+        """"Load" in a daemon thread, like the real embedders."""
+        t = threading.Thread(target=self.load, name="memento-fake-warmup", daemon=True)
+        t.start()
+        return t
 
     @staticmethod
     def vector(text: str) -> np.ndarray:

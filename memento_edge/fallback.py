@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Opti
 
 import numpy as np
 
-from .embedder import CachedEmbedding
+from .embedder import LazyModel
 from .errors import EmbedTimeout, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -621,18 +621,19 @@ class _Int8Bert:
 # the Embedder
 # ================================================================================================
 
-class NumpyEmbedder(CachedEmbedding):
+class NumpyEmbedder(LazyModel):
     """The ``numpy-int8`` Embedder: :class:`WordPieceTokenizer` + :class:`_Int8Bert`, LRU-cached.
 
     Thread-safe: one thread loads while others wait (bounded by ``request_timeout``); runs are
     limited to one per CPU core (numpy releases the GIL in its products, and each run holds a few
-    MB of activations); an unload only drops the reference, so a run in progress keeps its weights
-    until it finishes. Each text runs alone and unpadded, so a text always gets the same vector
-    whatever it is batched with. ``request_timeout`` is checked between layers (EmbedTimeout).
+    MB of activations); an unload waits for runs in progress (the lifecycle of :class:`LazyModel`,
+    shared with the onnxruntime embedder). Each text runs alone and unpadded, so a text always gets
+    the same vector whatever it is batched with. ``request_timeout`` is checked between layers (EmbedTimeout).
     """
 
     dim = 384
     backend = "numpy-int8"
+    _THREAD_PREFIX = "memento-numpy"
 
     def __init__(self, settings: Any, *, cache: Any = None, verify: str = "deep") -> None:
         """``settings``: a :class:`memento_edge.config.Settings`; ``verify``: "deep" (sha256 every
@@ -647,21 +648,8 @@ class NumpyEmbedder(CachedEmbedding):
         self.cache = cache if cache is not None else LRUCache.from_settings(settings)
         self.max_concurrent_runs = max(1, os.cpu_count() or 1)
         self._slots = threading.BoundedSemaphore(self.max_concurrent_runs)
-        self._cond = threading.Condition(threading.Lock())
-        self._runtime: Optional[Tuple[WordPieceTokenizer, _Int8Bert]] = None
-        self._loading = False
-        self._closed = False
-        self._generation = 0
-        self._last_used = time.monotonic()
-        self._loaded_fingerprint: Optional[str] = None
-        self._stats_lock = threading.Lock()
+        self._init_lifecycle()
         self.embed_count = 0
-        self.load_count = 0
-        self.unload_count = 0
-        self.timeouts = 0
-        self.load_ms: Optional[float] = None
-        self.last_embed_ms: Optional[float] = None
-        self.last_error: Optional[str] = None
 
     # --- identity / state --------------------------------------------------------------------
     @property
@@ -670,12 +658,6 @@ class NumpyEmbedder(CachedEmbedding):
         from .model import load_manifest
 
         return load_manifest(self.model_dir).fingerprint
-
-    @property
-    def loaded(self) -> bool:
-        """Whether the tokenizer and weights are in memory."""
-        with self._cond:
-            return self._runtime is not None
 
     def _create_runtime(self) -> Tuple[WordPieceTokenizer, _Int8Bert]:
         from .model import verify_model_dir
@@ -691,107 +673,6 @@ class NumpyEmbedder(CachedEmbedding):
         tokenizer.padding = False
         return tokenizer, model
 
-    def _runtime_or_load(self, deadline: float) -> Tuple[WordPieceTokenizer, _Int8Bert]:
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise ModelUnavailable("embedder is closed")
-                if self._runtime is not None:
-                    self._last_used = time.monotonic()
-                    return self._runtime
-                if not self._loading:
-                    self._loading = True
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._count_timeout()
-                    raise EmbedTimeout("timed out waiting for the embedding model to load",
-                                       retry_after=max(1.0, self.settings.request_timeout / 4))
-                self._cond.wait(remaining)
-        start = time.perf_counter()
-        try:
-            runtime = self._create_runtime()
-            fp: Optional[str] = self.fingerprint
-        except Exception as exc:
-            with self._cond:
-                self._loading = False
-                self.last_error = str(exc)
-                self._cond.notify_all()
-            if isinstance(exc, ModelUnavailable):
-                raise
-            raise ModelUnavailable(f"cannot load the embedding model from {self.model_dir}: {exc}") from exc
-        with self._cond:
-            if fp != self._loaded_fingerprint:  # another model: cached vectors belong to the old one
-                self.cache.clear()
-                self._loaded_fingerprint = fp
-            self._runtime = runtime
-            self._loading = False
-            self._generation += 1
-            self._last_used = time.monotonic()
-            self.load_count += 1
-            self.load_ms = round((time.perf_counter() - start) * 1000.0, 1)
-            self.last_error = None
-            self._cond.notify_all()
-            self._start_idle_watch_locked()
-            return runtime
-
-    def load(self) -> None:
-        """Load the tokenizer and weights now (idempotent, thread-safe)."""
-        self._runtime_or_load(time.monotonic() + max(float(self.settings.request_timeout), 0.0))
-
-    def unload(self) -> None:
-        """Drop the model; runs in progress finish with the weights they hold, the next call reloads."""
-        with self._cond:
-            if self._runtime is None:
-                return
-            self._runtime = None
-            self._generation += 1
-            self.unload_count += 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Unload and refuse further work."""
-        self.unload()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def __enter__(self) -> "NumpyEmbedder":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _start_idle_watch_locked(self) -> None:
-        idle_s = float(self.settings.idle_unload_minutes or 0.0) * 60.0
-        if idle_s > 0:
-            threading.Thread(target=self._idle_watch, args=(self._generation, idle_s),
-                             name="memento-numpy-idle", daemon=True).start()
-
-    def _idle_watch(self, generation: int, idle_s: float) -> None:
-        with self._cond:
-            while not self._closed and self._runtime is not None and self._generation == generation:
-                remaining = self._last_used + idle_s - time.monotonic()
-                if remaining <= 0:
-                    self._runtime = None
-                    self._generation += 1
-                    self.unload_count += 1
-                    self._cond.notify_all()
-                    return
-                self._cond.wait(remaining)
-
-    def start_warmup(self) -> threading.Thread:
-        """Load the model and embed one word in a daemon thread (``settings.warmup``)."""
-        def warm() -> None:
-            try:
-                self._infer(["warm up"])
-            except Exception as exc:  # a missing model is reported by the first real call too
-                log.warning("numpy embedding model warm-up failed: %s", exc)
-
-        t = threading.Thread(target=warm, name="memento-numpy-warmup", daemon=True)
-        t.start()
-        return t
-
     # --- embedding ---------------------------------------------------------------------------
     def _infer(self, texts: List[str]) -> np.ndarray:
         """Vectors of ``texts`` (no cache), one text at a time, each within ``request_timeout``."""
@@ -799,48 +680,38 @@ class NumpyEmbedder(CachedEmbedding):
         timeout = max(float(self.settings.request_timeout), 0.0)
         for i, text in enumerate(texts):
             deadline = time.monotonic() + timeout
-            tokenizer, model = self._runtime_or_load(deadline)
-            ids = tokenizer.token_ids(text)
-            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                self._count_timeout()
-                raise EmbedTimeout(f"embedding model busy for more than {timeout:g}s",
-                                   retry_after=max(1.0, timeout / 4))
+            tokenizer, model = self._acquire(deadline)
             try:
-                def check(deadline: float = deadline) -> None:
-                    if timeout > 0 and time.monotonic() > deadline:
-                        self._count_timeout()
-                        raise EmbedTimeout(f"embedding took longer than {timeout:g}s and was stopped",
-                                           retry_after=max(1.0, timeout / 4))
-                result[i] = model.forward(ids, check)
+                result[i] = self._forward(tokenizer, model, text, deadline, timeout)
             finally:
-                self._slots.release()
+                del tokenizer, model
+                self._release()
             with self._stats_lock:
                 self.embed_count += 1
         return result
 
+    def _forward(self, tokenizer: WordPieceTokenizer, model: "_Int8Bert", text: str, deadline: float,
+                 timeout: float) -> np.ndarray:
+        ids = tokenizer.token_ids(text)
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._count_timeout()
+            raise EmbedTimeout(f"embedding model busy for more than {timeout:g}s",
+                               retry_after=max(1.0, timeout / 4))
+        try:
+            def check() -> None:
+                if timeout > 0 and time.monotonic() > deadline:
+                    self._count_timeout()
+                    raise EmbedTimeout(f"embedding took longer than {timeout:g}s and was stopped",
+                                       retry_after=max(1.0, timeout / 4))
+            return model.forward(ids, check)
+        finally:
+            self._slots.release()
+
     # --- stats ------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Same keys as ``OnnxEmbedder.stats()`` where they apply, plus the exact-product dtype."""
-        try:
-            fp: Optional[str] = self.fingerprint
-        except ModelUnavailable:
-            fp = None
-        with self._cond:
-            loaded = self._runtime is not None
+        out = self._lifecycle_stats()
         with self._stats_lock:
-            return {
-                "loaded": loaded,
-                "backend": self.backend,
-                "model_dir": str(self.model_dir),
-                "fingerprint": fp,
-                "cache": self.cache.stats(),
-                "embed_count": self.embed_count,
-                "load_count": self.load_count,
-                "unload_count": self.unload_count,
-                "timeouts": self.timeouts,
-                "max_concurrent_runs": self.max_concurrent_runs,
-                "load_ms": self.load_ms,
-                "last_embed_ms": self.last_embed_ms,
-                "last_error": self.last_error,
-                "integer_products": _EXACT.name,
-            }
+            out.update(embed_count=self.embed_count, max_concurrent_runs=self.max_concurrent_runs,
+                       integer_products=_EXACT.name)
+        return out

@@ -19,10 +19,10 @@ background thread so an idle service frees the model even when no request arrive
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -46,10 +46,15 @@ def read_rss_bytes(path: str = "/proc/self/statm") -> Optional[int]:
 
 
 def malloc_trim() -> None:
-    """Return free heap pages to the kernel (glibc only; silently nothing elsewhere)."""
+    """Return free heap pages to the kernel (glibc keeps them otherwise); best effort, Linux only.
+
+    Called after a model unload (embedder), after relief under memory pressure (governor) and after a
+    large write body (web).
+    """
+    if not sys.platform.startswith("linux"):
+        return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

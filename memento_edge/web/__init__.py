@@ -108,7 +108,7 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     started = time.monotonic()
     stop_governor = st.governor.start_background()
     if settings.warmup:
-        threading.Thread(target=_warmup, args=(st.embedder,), name="memento-warmup", daemon=True).start()
+        st.embedder.start_warmup()  # the service answers meanwhile: recall degrades to keyword search
 
     def _on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds server.run() in the main thread; finally-blocks close the DB
@@ -135,10 +135,3 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
         if own_memory:
             st.memory.close()
 
-
-def _warmup(embedder: Any) -> None:
-    try:
-        embedder.load()
-        log.info("model loaded (warmup)")
-    except Exception as exc:  # the service still works: recall degrades to keyword search
-        log.warning("model warmup failed: %s", exc)
