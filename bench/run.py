@@ -139,12 +139,10 @@ HTTP_PARAMS: Dict[str, Dict[str, Any]] = {
 
 
 def run_http(args: argparse.Namespace, model_dir: str) -> Dict[str, Any]:
-    """Call ``bench.http_bench.run`` (owned by the HTTP helper) with the arguments it accepts.
+    """Run ``bench.http_bench.run`` with the profile's parameters.
 
     Its Markdown (``http_bench.to_markdown``) is embedded in the report under ``"markdown"``.
     """
-    import inspect
-
     if args.fake:
         return {"skipped": "the HTTP bench needs the real model (not run with --fake)"}
     try:
@@ -154,19 +152,15 @@ def run_http(args: argparse.Namespace, model_dir: str) -> Dict[str, Any]:
     offered: Dict[str, Any] = dict(HTTP_PARAMS.get(args.profile, HTTP_PARAMS["short"]))
     offered.update(model_dir=Path(model_dir), log=_log)
     try:
-        sig = inspect.signature(http_bench.run)
-        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-            offered = {k: v for k, v in offered.items() if k in sig.parameters}
         result = dict(http_bench.run(**offered))
     except (Exception, SystemExit) as exc:  # http_bench exits when the model is missing
         import traceback
 
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
-    if hasattr(http_bench, "to_markdown"):
-        try:
-            result["markdown"] = http_bench.to_markdown(result)
-        except Exception as exc:  # the raw dict is still in the JSON
-            result["markdown_error"] = repr(exc)
+    try:
+        result["markdown"] = http_bench.to_markdown(result)
+    except Exception as exc:  # the raw dict is still in the JSON
+        result["markdown_error"] = repr(exc)
     return result
 
 

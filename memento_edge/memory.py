@@ -29,7 +29,7 @@ from .errors import (
 from .schema import (
     CREATE_FIELDS, FILTER_FIELDS, INT64_MAX, MAX_BATCH_QUERIES, MAX_LIST_LIMIT, MAX_METADATA_CHARS,
     MAX_METADATA_DEPTH, MAX_METADATA_KEY_CHARS, MAX_NAME_CHARS, MAX_QUERY_CHARS, MAX_TAG_CHARS, MAX_TAGS,
-    MAX_TEXT_CHARS, MAX_TIMESTAMP, MAX_TOPK, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME,
+    MAX_TEXT_CHARS, MAX_TIMESTAMP, MAX_TOPK, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME, iso_seconds,
 )
 
 # The field names and limits live in schema.py (one table for the engine, the web layer and OpenAPI).
@@ -777,16 +777,10 @@ def _parse_timestamp(value: Any, fname: str) -> float:
             raise InvalidInput(f"{fname} must be finite", field=fname)
         return float(value)
     if isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
         try:
-            dt = datetime.fromisoformat(text)
-        except (ValueError, OverflowError):
+            return iso_seconds(value)
+        except ValueError:
             raise InvalidInput(f"{fname} is not an ISO-8601 time: {value[:40]!r}", field=fname) from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return dt.timestamp()
     raise InvalidInput(f"{fname} must be an ISO-8601 time or Unix seconds", field=fname)
 
 

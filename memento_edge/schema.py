@@ -10,6 +10,7 @@ Wire types (``Field.type``): ``str``, ``int``, ``number``, ``bool``, ``object``,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
 # --- limits (each enforced by the engine or the web layer; each stated in the OpenAPI document) ---
@@ -151,3 +152,17 @@ FILTER_FIELDS = _table(
 def wire_types(fields: Dict[str, Field]) -> Dict[str, Tuple[str, bool]]:
     """``{name: (type, nullable)}`` of a table: what the web layer checks before the engine sees a body."""
     return {name: (f.type, f.nullable) for name, f in fields.items()}
+
+
+def iso_seconds(text: str) -> float:
+    """Unix seconds of an ISO-8601 time (``Z`` accepted; no offset means UTC). ValueError if it is not one."""
+    text = text.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    except OverflowError as exc:
+        raise ValueError(str(exc)) from None

@@ -99,10 +99,8 @@ class Metrics:
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} {kind}")
             for labels_d, value in samples:
-                suffix = labels_d.get("__suffix", "")  # e.g. _sum/_count of a summary
-                labels = ",".join(f'{k}="{_label(v)}"' for k, v in labels_d.items() if k != "__suffix")
-                sample = name + suffix
-                out.append(f"{sample}{{{labels}}} {_fmt(value)}" if labels else f"{sample} {_fmt(value)}")
+                labels = ",".join(f'{k}="{_label(v)}"' for k, v in labels_d.items())
+                out.append(f"{name}{{{labels}}} {_fmt(value)}" if labels else f"{name} {_fmt(value)}")
         return "\n".join(out) + "\n"
 
 
@@ -153,12 +151,7 @@ def _embedder_families(emb: Any) -> List[Family]:
         if isinstance(cache.get(key), (int, float)):
             fams.append((name, kind, help_text, [({}, cache[key])]))
     count_v = es.get("embed_count")
-    total_ms = es.get("embed_ms_total", es.get("total_embed_ms"))
-    if isinstance(count_v, (int, float)) and isinstance(total_ms, (int, float)):
-        # A summary with only _sum and _count (no quantiles): rate(sum)/rate(count) = mean latency.
-        fams.append(("memento_embed_seconds", "summary", "Time spent in model inference.",
-                     [({"__suffix": "_sum"}, total_ms / 1000.0), ({"__suffix": "_count"}, count_v)]))
-    elif isinstance(count_v, (int, float)):
+    if isinstance(count_v, (int, float)):
         fams.append(("memento_embeds_total", "counter", "Texts embedded by the model.", [({}, count_v)]))
     last_ms = es.get("last_embed_ms")
     if isinstance(last_ms, (int, float)):

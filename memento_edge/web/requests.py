@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
 from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import NotFound
-from ..schema import (INT64_MAX, MAX_IDEMPOTENCY_KEY, MAX_TIMESTAMP, MIN_TIMESTAMP)
+from ..schema import INT64_MAX, MAX_IDEMPOTENCY_KEY, MAX_TIMESTAMP, MIN_TIMESTAMP, iso_seconds
 from .errors import ApiError, bad, unprocessable
 
 # No text/plain: a browser sends that cross-site without a preflight (see crosssite.py).
@@ -88,19 +87,10 @@ def _check_created_at(value: Any, field: str) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         ts = float(value)
     elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
         try:
-            dt = datetime.fromisoformat(text)
+            ts = iso_seconds(value)
         except ValueError:
             return  # not ISO-8601 at all: the engine says so with its own message
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        try:
-            ts = dt.timestamp()
-        except (OverflowError, ValueError):
-            ts = -1.0
     if ts is not None and not MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
         raise unprocessable("created_at must be between 1970 and the year 9999", field)
 
