@@ -507,9 +507,8 @@ class LazyModel(CachedEmbedding):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not wait:
-                    self._count_timeout()
-                    raise EmbedTimeout("timed out waiting for the embedding model to load",
-                                       retry_after=max(1.0, self.settings.request_timeout / 4))
+                    raise self._timed_out("timed out waiting for the embedding model to load",
+                                          self.settings.request_timeout)
                 self._cond.wait(remaining)
         return self._load_as_loader()
 
@@ -547,6 +546,11 @@ class LazyModel(CachedEmbedding):
             self._start_idle_watch_locked()
             log.info("embedding model loaded from %s in %.0f ms", self.model_dir, elapsed)
             return runtime
+
+    def _timed_out(self, message: str, timeout: float) -> EmbedTimeout:
+        """Count a timeout and return the error to raise (clients retry after a quarter of it)."""
+        self._count_timeout()
+        return EmbedTimeout(message, retry_after=max(1.0, timeout / 4))
 
     def _loader_failed(self, message: str) -> None:
         with self._cond:
@@ -787,9 +791,7 @@ class OnnxEmbedder(LazyModel):
         timeout = max(float(self.settings.request_timeout), 0.0)
         deadline = time.monotonic() + timeout
         if not self._slots.acquire(timeout=timeout):
-            self._count_timeout()
-            raise EmbedTimeout(f"embedding model busy for more than {timeout:g}s",
-                               retry_after=max(1.0, timeout / 4))
+            raise self._timed_out(f"embedding model busy for more than {timeout:g}s", timeout)
         try:
             session, _tok = self._acquire(deadline)
             try:
@@ -822,9 +824,7 @@ class OnnxEmbedder(LazyModel):
                                   run_options)
         except Exception as exc:
             if fired.is_set():
-                self._count_timeout()
-                raise EmbedTimeout(f"embedding took longer than {timeout:g}s and was stopped",
-                                   retry_after=max(1.0, timeout / 4)) from exc
+                raise self._timed_out(f"embedding took longer than {timeout:g}s and was stopped", timeout) from exc
             raise ModelUnavailable(f"embedding inference failed: {exc}") from exc
         finally:
             if handle is not None:

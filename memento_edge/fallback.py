@@ -29,7 +29,6 @@ Only the standard library and numpy are imported, here and on every runtime path
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import re
@@ -42,9 +41,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Opti
 import numpy as np
 
 from .embedder import LazyModel
-from .errors import EmbedTimeout, ModelUnavailable
-
-log = logging.getLogger(__name__)
+from .errors import ModelUnavailable
 
 __all__ = ["NumpyEmbedder", "WordPieceTokenizer"]
 
@@ -694,15 +691,11 @@ class NumpyEmbedder(LazyModel):
                  timeout: float) -> np.ndarray:
         ids = tokenizer.token_ids(text)
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            self._count_timeout()
-            raise EmbedTimeout(f"embedding model busy for more than {timeout:g}s",
-                               retry_after=max(1.0, timeout / 4))
+            raise self._timed_out(f"embedding model busy for more than {timeout:g}s", timeout)
         try:
             def check() -> None:
                 if timeout > 0 and time.monotonic() > deadline:
-                    self._count_timeout()
-                    raise EmbedTimeout(f"embedding took longer than {timeout:g}s and was stopped",
-                                       retry_after=max(1.0, timeout / 4))
+                    raise self._timed_out(f"embedding took longer than {timeout:g}s and was stopped", timeout)
             return model.forward(ids, check)
         finally:
             self._slots.release()
