@@ -229,6 +229,15 @@ def _service_schemas() -> Dict[str, Any]:
                     "backend": {"type": "string", "nullable": True},
                     "error": _STRING}},
                 "governor": {"type": "string", "enum": ["ok", "soft", "hard"]},
+                "clock": {"type": "object", "description": "Whether the wall clock is trusted (README \"Time "
+                                                           "on a board without a clock\").", "properties": {
+                    "trusted": {"type": "boolean"},
+                    "source": {"type": "string",
+                               "enum": ["setting", "systemd-timesyncd", "kernel", "assumed", "test"]},
+                    "mode": {"type": "string", "enum": ["auto", "trusted", "untrusted"]},
+                    "untrusted_memories": {"type": "integer"},
+                    "corrected": {"type": "integer"},
+                    "error": _STRING}},
             },
         },
     }

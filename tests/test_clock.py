@@ -190,3 +190,21 @@ def test_untrusted_flag_and_filter_over_http(settings):
         assert client.get(f"/v1/memories/{mid}").get_json()["clock_trusted"] is False
         body = {"query": "offline", "mode": "keyword", "filters": {"untrusted_time": "exclude"}}
         assert client.post("/v1/recall", json=body).get_json()["hits"] == []
+
+
+def test_readyz_and_metrics_show_the_clock(settings):
+    from memento_edge.web import create_app
+
+    clk = FakeClock()
+    with _memory(settings.replace(insecure_no_auth=True), clk) as mem:
+        client = create_app(mem.settings, memory=mem).test_client()
+        client.post("/v1/memories", json={"text": "offline note"})
+        ready = client.get("/readyz").get_json()["clock"]
+        assert ready["trusted"] is False and ready["untrusted_memories"] == 1
+        assert 'memento_clock_trusted{source="test"} 0' in client.get("/metrics").get_data(as_text=True)
+        clk.advance(1.0)
+        clk.sync(OFFSET)
+        ready = client.get("/readyz").get_json()["clock"]
+        assert ready["trusted"] is True and ready["untrusted_memories"] == 0 and ready["corrected"] == 1
+        text = client.get("/metrics").get_data(as_text=True)
+        assert 'memento_clock_trusted{source="test"} 1' in text and "memento_clock_corrected_total 1" in text

@@ -355,6 +355,13 @@
       var rss = get(s, "server.governor.rss_bytes");
       return typeof rss === "number" ? formatBytes(rss) : undefined;
     }],
+    ["Clock", function (s) {
+      var c = s.clock;
+      if (!c) { return undefined; }
+      var text = c.trusted ? "trusted (" + c.source + ")" : "NOT synchronised yet (" + c.source + ")";
+      return c.untrusted_memories ? text + "; " + c.untrusted_memories + " memories with an unverified time"
+                                  : text;
+    }],
     ["Up for", function (s) {
       var up = get(s, "server.uptime_seconds");
       if (typeof up !== "number") { return undefined; }

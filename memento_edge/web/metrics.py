@@ -127,6 +127,12 @@ def service_families(st: "AppState") -> List[Family]:
         fams.append(("memento_memories", "gauge", "Memories stored.", [({}, count)]))
     except Exception:
         log.warning("metrics: cannot count memories", exc_info=True)
+    clock = st.memory.clock.state()
+    fams.append(("memento_clock_trusted", "gauge", "1 when the wall clock is trusted (synchronised or an RTC).",
+                 [({"source": clock["source"]}, 1 if clock["trusted"] else 0)]))
+    fams.append(("memento_clock_corrected_total", "counter",
+                 "Memories re-dated after the clock became trusted in the same boot.",
+                 [({}, st.memory.clock_corrections)]))
     emb = st.embedder
     if emb is not None:
         fams.extend(_embedder_families(emb))

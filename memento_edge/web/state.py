@@ -83,7 +83,7 @@ def readiness(st: AppState) -> Dict[str, Any]:
         "db": {"writable": bool(db["db_writable"]), "readable": bool(db["db_readable"]),
                "read_only": bool(db.get("read_only", False)), "disk_free_bytes": db.get("disk_free_bytes"),
                "disk_total_bytes": db.get("disk_total_bytes")},
-        "model": model_state(st.embedder), "governor": st.governor.state}
+        "model": model_state(st.embedder), "governor": st.governor.state, "clock": clock_state(st)}
     device = public_status(Path(st.settings.device_status))
     if device is not None:  # on the appliance: first-boot file, Imager and Wi-Fi state (memento_edge/device.py)
         body["device"] = device
@@ -132,3 +132,11 @@ def model_state(emb: Any) -> Dict[str, Any]:
     except Exception as exc:
         return {"state": "error", "loaded": False, "backend": backend, "error": type(exc).__name__}
     return {"state": "unloaded", "loaded": False, "backend": backend}
+
+
+def clock_state(st: AppState) -> Dict[str, Any]:
+    """The clock guard's view (README "Time on a board without a clock"); never fails the probe."""
+    try:
+        return st.memory.clock_state()
+    except Exception as exc:  # a sick database must not turn readiness into a 500
+        return {**st.memory.clock.state(), "error": type(exc).__name__}
