@@ -233,7 +233,7 @@ def _service_schemas() -> Dict[str, Any]:
                                                            "on a board without a clock\").", "properties": {
                     "trusted": {"type": "boolean"},
                     "source": {"type": "string",
-                               "enum": ["setting", "systemd-timesyncd", "kernel", "assumed", "test"]},
+                               "enum": ["setting", "systemd-timesyncd", "kernel", "assumed"]},
                     "mode": {"type": "string", "enum": ["auto", "trusted", "untrusted"]},
                     "untrusted_memories": {"type": "integer"},
                     "corrected": {"type": "integer"},
