@@ -287,3 +287,102 @@ def evaluate_side(spec: Spec, params: Dict[str, Any], work: Path) -> Dict[str, A
     if records:
         out["fusion_experiments"] = fusion_experiments(records)
     return out
+
+
+# --- the recall-quality command: ``python -m bench.quality`` ----------------------------------------
+def _project_spec(model_dir: Optional[str]) -> Spec:
+    from .engine import DEFAULT_MODEL_DIR
+
+    return {"side": "project", "model_dir": str(model_dir or DEFAULT_MODEL_DIR)}
+
+
+def paraphrase_modes(spec: Spec, work: Path, modes: Sequence[str]) -> Dict[str, Any]:
+    """top-1 / MRR / hit@5 per recall mode on the paraphrase dev set (see :mod:`bench.paraphrase`)."""
+    from . import paraphrase
+
+    data = paraphrase.load()
+    emb = make_side_embedder(spec, work)
+    mem = open_memory(settings_for(spec, work, "paraphrase.db"), emb)
+    try:
+        key_of = paraphrase.fill(mem, data["notes"])
+        out = {}
+        for mode in modes:
+            def ranker(q: str, mode: str = mode) -> List[str]:
+                return [key_of[int(h.id)] for h in mem.recall(q, topk=10, mode=mode).hits]
+            out[mode] = paraphrase.evaluate(ranker, data["questions"])
+        return {"notes": len(data["notes"]), "questions": len(data["questions"]), "modes": out}
+    finally:
+        mem.close()
+
+
+def locomo_modes(spec: Spec, work: Path, modes: Sequence[str],
+                 data_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Evidence R@5 / R@10 / hit@5 per recall mode and per LoCoMo dev conversation.
+
+    Shipped modes have no per-fold parameter, so each conversation's figure is already a held-out one
+    as long as the shipped parameters were not chosen on it (see ``held_out_note``).
+    """
+    data_dir = data_dir or default_data_dir()
+    if data_dir is None:
+        return {"skipped": "LoCoMo data not found"}
+    emb = make_side_embedder(spec, work)
+    per_mode: Dict[str, Dict[str, Dict[str, float]]] = {m: {} for m in modes}
+    for path in sorted(data_dir.glob("*.json")):
+        conv = load_conversation(path)
+        mem = open_memory(settings_for(spec, work, f"cv-locomo-{conv['id']}.db"), emb)
+        try:
+            dia = _remember_turns(mem, conv)
+            for mode in modes:
+                rows = [score([dia.get(int(h.id), []) for h in mem.recall(q["question"], topk=max(KS),
+                                                                             mode=mode).hits], q["evidence"])
+                        for q in conv["questions"]]
+                per_mode[mode][conv["id"]] = _mean_scores(rows)
+        finally:
+            mem.close()
+    return {m: {**macro(v), "per_conversation": v} for m, v in per_mode.items()}
+
+
+def _print_summary(result: Dict[str, Any]) -> None:
+    para = result.get("paraphrase")
+    if para:
+        print(f"paraphrase set: {para['notes']} notes, {para['questions']} questions")
+        for mode, m in para["modes"].items():
+            halves = "  ".join(f"{h}: top-1 {v['top1']:.3f}" for h, v in m["per_half"].items())
+            print(f"  {mode:8s} top-1 {m['top1']:.3f}  MRR {m['mrr']:.3f}  hit@5 {m['hit@5']:.3f}   ({halves})")
+    loc = result.get("locomo")
+    if loc and "skipped" not in loc:
+        print("LoCoMo dev, evidence recall (per conversation = held out when nothing was tuned on it)")
+        for mode, m in loc.items():
+            per = "  ".join(f"{c}: {v['R@10']:.3f}" for c, v in m["per_conversation"].items())
+            print(f"  {mode:8s} R@10 {m['R@10']:.3f}  R@5 {m['R@5']:.3f}   ({per})")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Recall quality of the shipped modes on the paraphrase dev set and on LoCoMo dev."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=main.__doc__)
+    ap.add_argument("--sets", default="paraphrase,locomo", help="comma list: paraphrase, locomo")
+    ap.add_argument("--modes", default="hybrid,vector,keyword")
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--json", default=None, help="also write the full result here")
+    args = ap.parse_args(argv)
+    spec = _project_spec(args.model_dir)
+    modes = [m for m in args.modes.split(",") if m]
+    sets = set(args.sets.split(","))
+    result: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="memento-quality-") as tmp:
+        work = Path(tmp)
+        if "paraphrase" in sets:
+            result["paraphrase"] = paraphrase_modes(spec, work, modes)
+        if "locomo" in sets:
+            result["locomo"] = locomo_modes(spec, work, modes)
+    _print_summary(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

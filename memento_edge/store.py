@@ -25,6 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -61,32 +62,100 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+# Keyword queries. A question's words are cut the way FTS5's unicode61 tokenizer cuts a memory (runs of
+# letters and digits), with three differences that keep BM25 from matching on noise:
+# - contraction tails ("what's", "won't", "we're") are dropped, not searched as the terms s/t/re, which
+#   match every possessive in the store; a negated auxiliary ("don't", "won't") goes with its tail;
+# - a token group joined by punctuation that looks like an identifier (192.168.1.40, AX-88213, 9:30,
+#   k8s-worker-3) is searched as one FTS5 phrase, so "1" and "40" alone do not match half the store;
+# - stopwords are dropped unless nothing else is left.
+_CONTRACTION_TAILS = frozenset({"s", "t", "ll", "re", "ve", "d", "m"})
+_NEGATED_AUX = frozenset(
+    "ain aren can couldn didn doesn don hadn hasn haven isn mightn mustn needn shan shouldn wasn weren won "
+    "wouldn".split()
+)
+_APOSTROPHES = "'\u2019\u02bc`\u00b4"
+# Punctuation that joins the parts of one identifier; other punctuation inside a word only joins digits.
+_ID_JOINERS = frozenset(".-_:@#")
+_MAX_QUERY_TERMS = 64
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """One searched term of a keyword query: ``text`` as the user wrote it (lower case), ``tokens`` as
+    FTS5 sees them (one token, or several searched as a phrase)."""
+
+    text: str
+    tokens: Tuple[str, ...]
+
+    @property
+    def fts(self) -> str:
+        """The term as a quoted FTS5 string (a phrase when it has several tokens)."""
+        return '"' + " ".join(self.tokens) + '"'
+
+
+def _tokens(chunk: str) -> List[str]:
+    out: List[str] = []
+    current: List[str] = []
+    for ch in chunk:
+        if ch.isalnum():
+            current.append(ch)
+        elif current:
+            out.append("".join(current))
+            current = []
+    if current:
+        out.append("".join(current))
+    return out
+
+
+def _chunk_terms(chunk: str) -> List[QueryTerm]:
+    """The terms of one whitespace-separated chunk of a query (already lower case)."""
+    chunk = "".join("'" if ch in _APOSTROPHES else ch for ch in chunk)
+    # Trim outer punctuation so "work:" or "(Tom's)" behave like the bare word.
+    lo, hi = 0, len(chunk)
+    while lo < hi and not chunk[lo].isalnum():
+        lo += 1
+    while hi > lo and not chunk[hi - 1].isalnum():
+        hi -= 1
+    chunk = chunk[lo:hi]
+    if "'" in chunk:
+        head, tail = chunk.rsplit("'", 1)
+        if tail in _CONTRACTION_TAILS:
+            if tail == "t" and head in _NEGATED_AUX:
+                return []
+            chunk = head
+    toks = _tokens(chunk)
+    if len(toks) == 1:
+        return [] if toks[0] in _CONTRACTION_TAILS else [QueryTerm(toks[0], (toks[0],))]
+    joined_id = any(ch in _ID_JOINERS or ch == "'" for ch in chunk) or any(ch.isdigit() for ch in chunk)
+    if toks and joined_id:
+        return [QueryTerm(chunk, tuple(toks))]
+    return [QueryTerm(t, (t,)) for t in toks if t not in _CONTRACTION_TAILS]
+
+
+def query_terms(text: str, *, keep_stopwords: bool = False) -> List[QueryTerm]:
+    """The distinct keyword terms of free text, in order (see the comment above for what is dropped)."""
+    seen: Dict[str, QueryTerm] = {}
+    for chunk in text.lower().split():
+        for term in _chunk_terms(chunk):
+            seen.setdefault(" ".join(term.tokens), term)
+    terms = list(seen.values())
+    if not keep_stopwords:
+        content = [t for t in terms if len(t.tokens) > 1 or t.tokens[0] not in _STOPWORDS]
+        terms = content or terms
+    return terms[:_MAX_QUERY_TERMS]
+
+
 def fts_query(text: str, *, keep_stopwords: bool = False) -> Optional[str]:
-    """Turn free text into a safe FTS5 query: each word quoted, OR-ed, stopwords dropped.
+    """Turn free text into a safe FTS5 query: each term quoted, OR-ed (see :func:`query_terms`).
 
     Quoting every term means user input can never be parsed as FTS5 syntax (``NEAR``, ``*``, ``:``, ...).
     Returns ``None`` when nothing searchable is left.
     """
-    words: List[str] = []
-    current: List[str] = []
-    for ch in text.lower():
-        if ch.isalnum():
-            current.append(ch)
-        elif current:
-            words.append("".join(current))
-            current = []
-    if current:
-        words.append("".join(current))
-    seen: Dict[str, None] = {}
-    for w in words:
-        seen.setdefault(w, None)
-    terms = list(seen)
-    if not keep_stopwords:
-        content = [w for w in terms if w not in _STOPWORDS]
-        terms = content or terms
+    terms = query_terms(text, keep_stopwords=keep_stopwords)
     if not terms:
         return None
-    return " OR ".join(f'"{t}"' for t in terms[:64])
+    return " OR ".join(t.fts for t in terms)
 
 
 def _translate(exc: sqlite3.Error) -> Exception:

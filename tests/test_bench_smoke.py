@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not part of the installed package
 
-from bench import engine, quality, report, run  # noqa: E402
+from bench import engine, paraphrase, quality, report, run  # noqa: E402
 
 TINY = {
     "sizes": [20, 60], "embed_reps": 3, "batch_reps": 2, "remember_reps": 3, "recall_queries": 3, "pool": 10,
@@ -86,6 +86,33 @@ def test_load_conversation_skips_category_5_and_empty_evidence(tmp_path: Path) -
                                 "session": 2, "date": "2:00 pm on 9 May, 2023"}
     assert [q["evidence"] for q in conv["questions"]] == [["D1:1"], ["D1:2", "D2:1"], ["D1:3"]]
     assert conv["skipped_no_evidence"] == 1
+
+
+def test_paraphrase_set_is_well_formed_and_split_in_halves() -> None:
+    data = paraphrase.load()
+    assert len(data["notes"]) >= 60 and len(data["questions"]) >= 60
+    assert len({n["key"] for n in data["notes"]}) == len(data["notes"])
+    halves = [q["half"] for q in data["questions"]]
+    assert abs(halves.count("A") - halves.count("B")) <= 1
+    assert {q["kind"] for q in data["questions"]} == {"para", "trap", "contraction", "possessive", "rare"}
+    # every note is the answer to some question, so no note is there only as a distractor by accident
+    assert {q["note"] for q in data["questions"]} == {n["key"] for n in data["notes"]}
+
+
+def test_rank_metrics_top1_and_reciprocal_rank() -> None:
+    assert paraphrase.rank_metrics(["a", "b"], "a") == {"top1": 1.0, "mrr": 1.0, "hit@5": 1.0}
+    assert paraphrase.rank_metrics(["b", "a"], "a")["mrr"] == 0.5
+    assert paraphrase.rank_metrics(["b"], "a") == {"top1": 0.0, "mrr": 0.0, "hit@5": 0.0}
+
+
+def test_quality_command_reports_each_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quality, "_project_spec", lambda model_dir: {"side": "project", "model_dir": "-",
+                                                                        "fake": True})
+    out = tmp_path / "q.json"
+    assert quality.main(["--sets", "paraphrase", "--json", str(out)]) == 0
+    modes = json.loads(out.read_text())["paraphrase"]["modes"]
+    assert set(modes) == {"hybrid", "vector", "keyword"}
+    assert 0.0 <= modes["keyword"]["top1"] <= 1.0 and modes["keyword"]["n"] >= 60
 
 
 def test_synthetic_texts_are_distinct_and_about_100_chars() -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from memento_edge import migrations
-from memento_edge.store import Store, fts_query
+from memento_edge.store import Store, fts_query, query_terms
 
 
 def _unit(rng, n, dim=384):
@@ -100,6 +100,43 @@ def test_filtered_knn_widens_until_full(tmp_path):
 ])
 def test_fts_query_is_quoted_and_drops_stopwords(text, expected):
     assert fts_query(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    # contraction tails are not terms: "s" would match every possessive in the store
+    ("what's the internet code for visitors", '"internet" OR "code" OR "visitors"'),
+    ("Tom's birthday", '"tom" OR "birthday"'),
+    ("we're away, I'll call; you'd say I'm late, they've gone", '"away" OR "call" OR "say" OR "late" OR "gone"'),
+    ("the dishwasher won't drain", '"dishwasher" OR "drain"'),  # a negated auxiliary goes with its tail
+    ("where\u2019s the spare key", '"spare" OR "key"'),  # typographic apostrophe
+    ("what s the t code", '"code"'),  # stray fragments left by another tokenizer
+    ("don't", None),
+    # identifiers stay whole (searched as phrases), numbers and names are kept
+    ("what's at 192.168.1.40", '"192 168 1 40"'),
+    ("what is AX-88213?", '"ax 88213"'),
+    ("k8s-worker-3 out of disk", '"k8s worker 3" OR "disk"'),
+    ("standup at 10:15 with Omar", '"standup" OR "10 15" OR "omar"'),
+    ("what runs on 8443", '"runs" OR "8443"'),
+    ("O'Brien's car", '"o brien" OR "car"'),
+    ("milk,eggs", '"milk" OR "eggs"'),  # words joined by a comma are still two words
+    ("Rent rent RENT", '"rent"'),
+])
+def test_keyword_query_drops_contraction_fragments_keeps_identifiers(text, expected):
+    assert fts_query(text) == expected
+
+
+def test_query_terms_keep_the_users_spelling_for_display():
+    terms = query_terms("Ping 192.168.1.40 for Tom's NAS")
+    assert [t.text for t in terms] == ["ping", "192.168.1.40", "tom", "nas"]
+    assert terms[1].tokens == ("192", "168", "1", "40")
+
+
+def test_identifier_phrase_matches_only_that_identifier(tmp_path):
+    s = Store(tmp_path / "m.db")
+    texts = ["backup server at 192.168.1.40", "1 cup of rice, 40 minutes", "printer at 192.168.1.41"]
+    _fill(s, _unit(np.random.default_rng(1), 3), texts)
+    assert [i for i, _ in s.keyword_search("what is at 192.168.1.40?", 10)] == [1]
+    s.close()
 
 
 def _exact_topk(vecs, q, k, allowed=None):
