@@ -265,12 +265,13 @@ def remember(state: _State, text: Optional[str], collection: str, tags: List[str
 @click.option("--since", help="Created at or after (ISO-8601).")
 @click.option("--until", help="Created before (ISO-8601).")
 @click.option("--filters", "filters_json", help="Filters as a JSON object (merged with the options).")
+@click.option("--min-score", type=float, help="Drop hits scoring below this (hybrid scores are 0..1).")
 @click.pass_obj
 @_errors
 def recall(state: _State, query: str, topk: int, mode: str, collection: Optional[str], tags_any: List[str],
            tags_all: List[str], source: Optional[str], session_id: Optional[str],
            min_importance: Optional[float], since: Optional[str], until: Optional[str],
-           filters_json: Optional[str]) -> None:
+           filters_json: Optional[str], min_score: Optional[float]) -> None:
     """Recall the memories most relevant to QUERY."""
     filters: Dict[str, Any] = dict(_json_arg(filters_json, "filters") or {})
     for key, value in (("collection", collection), ("tags_any", list(tags_any) or None),
@@ -279,7 +280,7 @@ def recall(state: _State, query: str, topk: int, mode: str, collection: Optional
         if value is not None:
             filters[key] = value
     with state.memory() as mem:
-        res = mem.recall(query, topk=topk, mode=mode, filters=filters or None)
+        res = mem.recall(query, topk=topk, mode=mode, filters=filters or None, min_score=min_score)
 
     def human(d: Dict[str, Any]) -> None:
         if d["note"]:

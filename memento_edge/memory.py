@@ -19,6 +19,7 @@ from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, S
 
 import numpy as np
 
+from . import fusion
 from . import store as _store
 from .budget import WorkBudget, estimate_tokens
 from .clock import ClockReading, ClockSource, SystemClock
@@ -37,17 +38,17 @@ FILTER_KEYS = tuple(FILTER_FIELDS)
 # How often (s) a process re-checks for untrusted rows another process (the CLI beside the service) wrote.
 CLOCK_RECHECK_S = 60.0
 ITEM_KEYS = tuple(CREATE_FIELDS)
-# Hybrid fusion: weight of the vector side in a convex combination of min-max-normalised scores.
-# Measured on LoCoMo dev (bench/quality.py): evidence R@10 0.699 vs 0.603 for reciprocal-rank fusion
-# (k=60); 0.3..0.5 all give >= 0.686. Scores carry how *much* better a hit is, ranks throw that away.
-HYBRID_ALPHA = 0.5
+# Hybrid recall scores each side's candidates by the strength of both retrievers' evidence (fusion.py).
 # Candidates per side are a multiple of topk so a memory ranked modestly by both can still surface.
 HYBRID_POOL = 50
+# The min-max fusion hybrid recall used before fusion.py; kept for bench/fusion_cv.py's comparison.
+HYBRID_ALPHA = 0.5
 WRITE_BATCH = 64
 # How long a write waits for room in the embedding work budget before it is shed (Busy -> 503).
 WORK_WAIT_S = 1.0
 
 Progress = Callable[[int, Optional[int]], None]
+_Ranks = Tuple[Dict[int, int], Dict[int, int]]  # (vector ranks, keyword ranks) of a recall's candidates
 _log = logging.getLogger(__name__)
 
 
@@ -134,12 +135,16 @@ def _depth(value: Any, stop: int = MAX_METADATA_DEPTH) -> int:
 class Hit(MemoryRecord):
     """A recalled memory with its score and the ranks each retriever gave it (1-based, None = not found).
 
-    ``score`` orders the hits (cosine in vector mode, BM25 in keyword mode, 0..1 fused score in hybrid
-    mode); ``similarity`` is the cosine similarity to the query whenever the vector retriever saw the memory.
+    ``score`` orders the hits: in hybrid mode a 0..1 score that means the same in every query (how
+    likely the memory is what was asked for, see fusion.py), in vector mode the cosine, in keyword mode
+    the matched share of the query's keyword weight (0..1). ``similarity`` is the cosine to the query
+    (None in keyword mode); ``matched_terms`` the query's keyword terms the memory contains (None in
+    vector mode).
     """
 
     score: float = 0.0
     similarity: Optional[float] = None
+    matched_terms: Optional[List[str]] = None
     vector_rank: Optional[int] = None
     keyword_rank: Optional[int] = None
 
@@ -409,9 +414,11 @@ class Memory:
         return self.store.count(flt)
 
     def recall(self, query: str, *, topk: int = 5, mode: str = "hybrid",
-               filters: Optional[Mapping[str, Any]] = None) -> RecallResult:
+               filters: Optional[Mapping[str, Any]] = None, min_score: Optional[float] = None) -> RecallResult:
         """The ``topk`` memories most relevant to ``query``; filters always yield a full top-k if possible.
 
+        ``min_score`` drops hits scoring below it (see :class:`Hit` for what the score means per mode), so
+        "nothing relevant" is an empty list rather than the least bad ``topk``.
         When the model is missing, mismatched or times out, vector and hybrid recall fall back to keyword
         recall and say so in ``RecallResult.mode`` / ``note`` instead of failing.
         """
@@ -420,6 +427,7 @@ class Memory:
         topk = _int(topk, "topk", 1, MAX_TOPK)
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
+        floor = None if min_score is None else _number(min_score, "min_score", -1.0, 1.0)
         flt = _validate_filters(filters)
         self._clock_reading()  # time filters must see re-dated rows
         note = None
@@ -433,43 +441,69 @@ class Memory:
             except (ModelUnavailable, ModelMismatch, Busy, StoreError) as exc:
                 note = f"{mode} recall unavailable, answered by keyword: {exc}"
                 mode = "keyword"
-        vec_hits: List[Tuple[int, float]] = []
-        kw_hits: List[Tuple[int, float]] = []
-        vsim: Dict[int, float] = {}
+        ranks: _Ranks = ({}, {})
         try:
             if mode == "vector":
                 assert qvec is not None  # embedded above, or the mode fell back to keyword
                 vec_hits = self.store.vector_search(qvec, topk, flt)
-                ranked = [(i, s) for i, s in vec_hits]
+                scored = [fusion.Scored(i, s, s, 0.0, ()) for i, s in vec_hits]
+                ranks = (_ranks(vec_hits), {})
             elif mode == "keyword":
-                kw_hits = self.store.keyword_search(query, topk, flt)
-                ranked = list(kw_hits)
+                scored, ranks = self._keyword_recall(query, topk, flt)
             else:
                 assert qvec is not None
-                pool = max(HYBRID_POOL, topk * 4)
-                # Fusion uses ranks only, so the approximate vector pass suffices for the pool; the
-                # similarities shown are then computed exactly for the hits returned.
-                vec_hits = self.store.vector_search(qvec, pool, flt, exact=False)
-                kw_hits = self.store.keyword_search(query, pool, flt)
-                ranked = _fuse(vec_hits, kw_hits)[:topk]
-            vsim = dict(vec_hits)
-            if mode == "hybrid" and qvec is not None:
-                vsim = self.store.exact_similarities(qvec, [i for i, _ in ranked if i in vsim])
+                scored, ranks = self._hybrid_recall(query, qvec, topk, flt)
         except StoreError as exc:
             if mode == "keyword":
                 raise
             # A damaged vector index must not take recall down with it: `check` names it, reindex repairs it.
             note = f"{mode} recall unavailable, answered by keyword: {exc}"
-            mode, vec_hits, vsim = "keyword", [], {}
-            kw_hits = self.store.keyword_search(query, topk, flt)
-            ranked = list(kw_hits)
-        vrank = {i: n + 1 for n, (i, _) in enumerate(vec_hits)}
-        krank = {i: n + 1 for n, (i, _) in enumerate(kw_hits)}
-        rows = self.store.get_many([i for i, _ in ranked])
-        hits = [Hit(**_record_fields(rows[i]), score=float(s), similarity=vsim.get(i), vector_rank=vrank.get(i),
-                    keyword_rank=krank.get(i))
-                for i, s in ranked if i in rows]
+            mode = "keyword"
+            scored, ranks = self._keyword_recall(query, topk, flt)
+        scored = [h for h in scored if floor is None or h.score >= floor][:topk]
+        rows = self.store.get_many([h.id for h in scored])
+        hits = [Hit(**_record_fields(rows[h.id]), score=h.score,
+                    similarity=None if mode == "keyword" else h.similarity,
+                    matched_terms=None if mode == "vector" else list(h.matched),
+                    vector_rank=ranks[0].get(h.id), keyword_rank=ranks[1].get(h.id))
+                for h in scored if h.id in rows]
         return RecallResult(query=query, mode=mode, hits=hits, took_ms=(time.perf_counter() - t0) * 1000, note=note)
+
+    def _keyword_evidence(self, query: str, ids: Sequence[int]) -> fusion.KeywordEvidence:
+        terms = _store.query_terms(query)
+        docs, df, matched = self.store.term_matches(terms, ids)
+        return fusion.KeywordEvidence([t.text for t in terms], docs, df, matched)
+
+    def _keyword_recall(self, query: str, topk: int, flt: Dict[str, Any]) -> Tuple[List[fusion.Scored], _Ranks]:
+        """Keyword mode: FTS5's BM25 finds the candidates; the matched share of the query's keyword weight
+        orders them (BM25 breaks ties), which keeps one common word from outranking the rare ones."""
+        kw_hits = self.store.keyword_search(query, max(HYBRID_POOL, topk * 4), flt)
+        ev = self._keyword_evidence(query, [i for i, _ in kw_hits])
+        weights = ev.weights()
+        scored = [fusion.Scored(i, fusion.coverage(ev.matched.get(i, ()), weights), 0.0,
+                                fusion.coverage(ev.matched.get(i, ()), weights),
+                                fusion.matched_terms(ev).get(i, ())) for i, _ in kw_hits]
+        bm25 = dict(kw_hits)
+        scored.sort(key=lambda h: (-h.score, -bm25[h.id], h.id))
+        return scored, ({}, _ranks(kw_hits))
+
+    def _hybrid_recall(self, query: str, qvec: np.ndarray, topk: int,
+                       flt: Dict[str, Any]) -> Tuple[List[fusion.Scored], _Ranks]:
+        """Hybrid mode: both sides' candidates, each scored from its cosine and keyword coverage."""
+        pool = max(HYBRID_POOL, topk * 4)
+        # The approximate pass (within ~1e-3 of exact) is enough to score the vector side's pool; the
+        # keyword side's extra candidates and the hits shown get exact cosines.
+        vec_hits = self.store.vector_search(qvec, pool, flt, exact=False)
+        kw_hits = self.store.keyword_search(query, pool, flt)
+        sims = dict(vec_hits)
+        extra = [i for i, _ in kw_hits if i not in sims]
+        if extra:
+            sims.update(self.store.exact_similarities(qvec, extra))
+        ev = self._keyword_evidence(query, list(sims))
+        scored = fusion.fuse(sims, ev)[:topk]
+        exact = self.store.exact_similarities(qvec, [h.id for h in scored])
+        scored = fusion.fuse({h.id: exact.get(h.id, h.similarity) for h in scored}, ev)
+        return scored, (_ranks(vec_hits), _ranks(kw_hits))
 
     def recall_many(self, queries: Sequence[Mapping[str, Any]]) -> List[RecallResult]:
         """Several recalls (each a dict of ``recall``'s arguments)."""
@@ -481,11 +515,11 @@ class Memory:
         for n, q in enumerate(queries):
             if not isinstance(q, Mapping):
                 raise InvalidInput("each query must be an object", field=f"queries[{n}]")
-            unknown = set(q) - {"query", "topk", "mode", "filters"}
+            unknown = set(q) - {"query", "topk", "mode", "filters", "min_score"}
             if unknown:
                 raise InvalidInput(f"unknown field {sorted(unknown)[0]!r}", field=f"queries[{n}].{sorted(unknown)[0]}")
             out.append(self.recall(cast(str, q.get("query")), topk=q.get("topk", 5), mode=q.get("mode", "hybrid"),
-                                   filters=q.get("filters")))
+                                   filters=q.get("filters"), min_score=q.get("min_score")))
         return out
 
     def stats(self) -> Dict[str, Any]:
@@ -652,6 +686,11 @@ def _json_line(line: str) -> Any:
 
 
 # --- fusion ---------------------------------------------------------------------------------------
+def _ranks(hits: Sequence[Tuple[int, float]]) -> Dict[int, int]:
+    """id -> 1-based rank in one retriever's list."""
+    return {i: n + 1 for n, (i, _) in enumerate(hits)}
+
+
 def _minmax(hits: Sequence[Tuple[int, float]]) -> Dict[int, float]:
     if not hits:
         return {}

@@ -111,10 +111,12 @@ RECORD_FIELDS = _table(
 )
 # A recall hit: a record plus how it ranked (Hit).
 HIT_FIELDS = dict(RECORD_FIELDS, **_table(
-    Field("score", "number", "Orders the hits: cosine (vector), BM25 (keyword) or the 0..1 fused score "
-                             "(hybrid)."),
-    Field("similarity", "number", "Cosine similarity to the query, when the vector retriever saw it.",
-          nullable=True),
+    Field("score", "number", "Orders the hits. hybrid: 0..1, the same meaning in every query (about how "
+                             "likely the memory is what was asked for); vector: the cosine; keyword: the "
+                             "matched share of the query's keyword weight, 0..1."),
+    Field("similarity", "number", "Cosine similarity to the query (null in keyword mode).", nullable=True),
+    Field("matched_terms", "list[str]", "The query's keyword terms this memory contains (null in vector "
+                                        "mode).", nullable=True),
     Field("vector_rank", "int", "1-based rank by meaning (null: not found by it).", nullable=True),
     Field("keyword_rank", "int", "1-based rank by words (null: not found by it).", nullable=True),
 ))
@@ -130,6 +132,8 @@ RECALL_FIELDS = _table(
     Field("topk", "int", "How many hits.", minimum=1, maximum=MAX_TOPK, default=DEFAULT_TOPK),
     Field("mode", "str", "hybrid (meaning and words), vector or keyword.", enum=MODES, default=DEFAULT_MODE),
     Field("filters", "object", "Which memories to consider (see Filters).", nullable=True),
+    Field("min_score", "number", "Drop hits scoring below this (see score).", nullable=True, minimum=-1,
+          maximum=1),
 )
 
 FILTER_FIELDS = _table(

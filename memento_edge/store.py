@@ -1056,6 +1056,30 @@ class Store:
             rows = c.execute(sql, [match, *params, k]).fetchall()
         return [(int(r[0]), -float(r[1])) for r in rows]
 
+    def term_matches(self, terms: Sequence[QueryTerm],
+                     ids: Sequence[int]) -> Tuple[int, List[int], Dict[int, List[int]]]:
+        """Keyword evidence for hybrid scoring: (memories in the store, memories matching each term,
+        {id: indices of the terms that memory matches} for ``ids``).
+
+        Counts are over the whole store (a term's rarity is a property of the collection, not of a
+        filter). One FTS5 pass per term; the count and the membership of ``ids`` come from the same pass.
+        """
+        if not terms:
+            return 0, [], {}
+        id_list = ",".join(str(int(i)) for i in ids) or "NULL"  # ints only: nothing to inject
+        sql = (f"SELECT count(*), group_concat(CASE WHEN rowid IN ({id_list}) THEN rowid END) "
+               "FROM memories_fts WHERE memories_fts MATCH ?")
+        matched: Dict[int, List[int]] = {}
+        df: List[int] = []
+        with self.reader() as c:
+            n = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
+            for t, term in enumerate(terms):
+                count, hits = c.execute(sql, (term.fts,)).fetchone()
+                df.append(int(count))
+                for mid in (hits.split(",") if hits else ()):
+                    matched.setdefault(int(mid), []).append(t)
+        return n, df, matched
+
     def get_vector(self, memory_id: int) -> Optional[np.ndarray]:
         """The stored vector of one memory (tests, dedupe)."""
         index = self._require_vectors()

@@ -62,6 +62,17 @@ def test_remember_recall_get_update_delete(fake_cli):
     assert r.exit_code == 1 and "no memory with id" in r.output and "Traceback" not in r.output
 
 
+def test_recall_min_score_drops_weak_hits(fake_cli):
+    run(fake_cli, "remember", "get groceries after work")
+    run(fake_cli, "remember", "the faucet drips")
+    hits = json.loads(run(fake_cli, "recall", "groceries", "-m", "keyword").output)["hits"]
+    assert [h["matched_terms"] for h in hits] == [["groceries"]]
+    r = run(fake_cli, "recall", "groceries", "--min-score", "1.0")
+    assert all(h["score"] >= 1.0 for h in json.loads(r.output)["hits"])
+    r = run(fake_cli, "recall", "groceries", "--min-score", "5")
+    assert r.exit_code == 1 and "min_score" in r.output
+
+
 def test_invalid_input_is_a_clean_error(fake_cli):
     r = run(fake_cli, "remember", "x", "--importance", "3")
     assert r.exit_code == 1 and "importance" in r.output and "Traceback" not in r.output

@@ -399,6 +399,21 @@ def test_recall_post_hybrid_vector_keyword(web: WebEnv) -> None:
         assert {"score", "vector_rank", "keyword_rank", "text"} <= set(body["hits"][0])
 
 
+def test_recall_min_score_and_hit_evidence(web: WebEnv) -> None:
+    ids = _seed(web)
+    body = web.client.post("/v1/recall", json={"query": "cat windowsill", "topk": 3}).get_json()
+    top = body["hits"][0]
+    assert top["id"] == ids["cat"] and top["matched_terms"] == ["cat", "windowsill"]
+    assert 0.0 <= top["score"] <= 1.0 and isinstance(top["similarity"], float)
+    floor = top["score"]
+    body = web.client.post("/v1/recall", json={"query": "cat windowsill", "topk": 3, "min_score": floor}).get_json()
+    assert [h["id"] for h in body["hits"]] == [ids["cat"]] or all(h["score"] >= floor for h in body["hits"])
+    resp = web.client.post("/v1/recall", json={"query": "cat", "min_score": "high"})
+    assert resp.status_code == 400 and resp.get_json()["error"]["field"] == "min_score"
+    resp = web.client.post("/v1/recall", json={"query": "cat", "min_score": 7})
+    assert resp.status_code == 422 and resp.get_json()["error"]["field"] == "min_score"
+
+
 def test_recall_filters(web: WebEnv) -> None:
     ids = _seed(web)
     body = web.client.post("/v1/recall", json={"query": "the", "topk": 10, "mode": "keyword",

@@ -1,0 +1,260 @@
+"""Hybrid fusion variants, scored offline with cross-validation: ``python -m bench.fusion_cv``.
+
+For every question of the paraphrase dev set (:mod:`bench.paraphrase`) and of the three LoCoMo dev
+conversations it records, once, what both retrievers see with the real model: the vector side's top
+candidates with exact cosines, the keyword side's top candidates with BM25, every candidate's cosine,
+the query's keyword terms with their document counts, and which terms each candidate contains. Fusion
+variants are then ranked from these records without touching a store.
+
+Cross-validation: six folds, each holding out one LoCoMo conversation *and* one half of the
+paraphrase questions. A variant's free parameters are chosen on the rest (mean of paraphrase top-1 and
+LoCoMo evidence R@10, equally weighted) and scored on what was held out. Reported per variant: the
+held-out paraphrase top-1 / MRR (mean over folds) and the held-out LoCoMo R@10 (each conversation
+scored with parameters chosen without it). Nothing reported is tuned on itself.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import paraphrase, quality
+from .engine import make_side_embedder, open_memory, settings_for
+
+POOL = 50  # candidates per side, as memory.HYBRID_POOL
+
+
+# --- recording ------------------------------------------------------------------------------------
+def record_question(mem: Any, emb: Any, question: str, relevant: Sequence[int], pool: int = POOL) -> Dict[str, Any]:
+    """What both retrievers see for one question (see the module docstring)."""
+    from memento_edge.store import query_terms
+
+    store = mem.store
+    qvec = np.asarray(emb.embed(question), dtype=np.float32)
+    vec = store.vector_search(qvec, pool)
+    kw = store.keyword_search(question, pool)
+    ids = sorted({i for i, _ in vec} | {i for i, _ in kw})
+    sims = store.exact_similarities(qvec, ids)
+    terms = query_terms(question)
+    n, df, matched = store.term_matches(terms, ids)
+    return {"vector": [int(i) for i, _ in vec], "keyword": [[int(i), float(s)] for i, s in kw],
+            "sims": {int(i): float(s) for i, s in sims.items()}, "terms": [t.text for t in terms],
+            "docs": n, "df": df, "matched": {int(k): v for k, v in matched.items()},
+            "relevant": sorted(int(i) for i in relevant)}
+
+
+def record_paraphrase(spec: Dict[str, Any], work: Path) -> List[Dict[str, Any]]:
+    """Records of every paraphrase question (``half`` and ``kind`` kept)."""
+    data = paraphrase.load()
+    emb = make_side_embedder(spec, work)
+    mem = open_memory(settings_for(spec, work, "fcv-paraphrase.db"), emb)
+    try:
+        key_of = paraphrase.fill(mem, data["notes"])
+        id_of = {k: i for i, k in key_of.items()}
+        return [{**record_question(mem, emb, q["question"], [id_of[q["note"]]]), "half": q["half"],
+                 "kind": q["kind"], "question": q["question"]} for q in data["questions"]]
+    finally:
+        mem.close()
+
+
+def record_locomo(spec: Dict[str, Any], work: Path) -> Dict[str, List[Dict[str, Any]]]:
+    """Records of every scorable question per LoCoMo dev conversation (relevant = evidence turns)."""
+    data_dir = quality.default_data_dir()
+    if data_dir is None:
+        return {}
+    emb = make_side_embedder(spec, work)
+    out = {}
+    for path in sorted(data_dir.glob("*.json")):
+        conv = quality.load_conversation(path)
+        mem = open_memory(settings_for(spec, work, f"fcv-locomo-{conv['id']}.db"), emb)
+        try:
+            dia = quality._remember_turns(mem, conv)
+            recs = []
+            for q in conv["questions"]:
+                rel = [i for i, ds in dia.items() if set(ds) & set(q["evidence"])]
+                rec = record_question(mem, emb, q["question"], rel)
+                rec["evidence"] = q["evidence"]
+                rec["dia"] = {int(i): ds for i, ds in dia.items() if i in rec["sims"]}
+                recs.append(rec)
+            out[conv["id"]] = recs
+        finally:
+            mem.close()
+    return out
+
+
+# --- features and variants ------------------------------------------------------------------------
+def features(rec: Dict[str, Any]) -> Tuple[List[int], np.ndarray]:
+    """Candidate ids and a feature matrix: similarity, coverage, best matched IDF / max IDF, bm25 rank score."""
+    from memento_edge.fusion import coverage, idf
+
+    ids = sorted(int(i) for i in rec["sims"])
+    weights = [idf(d, rec["docs"]) for d in rec["df"]]
+    top = idf(0, rec["docs"]) if rec["docs"] else 1.0
+    bm = {int(i): s for i, s in rec["keyword"]}
+    bmax = max(bm.values()) if bm else 1.0
+    rows = []
+    for i in ids:
+        idx = rec["matched"].get(i, rec["matched"].get(str(i), []))
+        rare = max((weights[t] for t in idx), default=0.0) / top
+        rows.append([rec["sims"].get(i, rec["sims"].get(str(i), 0.0)), coverage(idx, weights), rare,
+                     bm.get(i, 0.0) / bmax if bmax > 0 else 0.0])
+    return ids, np.asarray(rows, dtype=np.float64).reshape(len(ids), 4)
+
+
+Ranker = Callable[[Dict[str, Any]], List[int]]
+
+
+def _by(ids: List[int], s: np.ndarray) -> List[int]:
+    order = sorted(range(len(ids)), key=lambda n: (-s[n], ids[n]))
+    return [ids[n] for n in order]
+
+
+def linear(lam: float, mu: float = 0.0, p: float = 1.0) -> Ranker:
+    """similarity + lam * coverage**p + mu * coverage**p * rarity (the logistic score's ranking)."""
+    def rank(rec: Dict[str, Any]) -> List[int]:
+        ids, f = rec["_f"]
+        c = f[:, 1] ** p
+        return _by(ids, f[:, 0] + lam * c + mu * c * f[:, 2])
+    return rank
+
+
+def minmax(alpha: float) -> Ranker:
+    """The shipped fusion before this change: convex mix of per-pool min-max normalised scores."""
+    from memento_edge.memory import _fuse
+
+    def rank(rec: Dict[str, Any]) -> List[int]:
+        vec = [(i, rec["sims"][i]) for i in rec["vector"]]
+        return [i for i, _ in _fuse(vec, [(i, s) for i, s in rec["keyword"]], alpha)]
+    return rank
+
+
+def rrf(k: float) -> Ranker:
+    def rank(rec: Dict[str, Any]) -> List[int]:
+        return quality.rrf([rec["vector"], [i for i, _ in rec["keyword"]]], k=k)
+    return rank
+
+
+def vector_only(rec: Dict[str, Any]) -> List[int]:
+    return list(rec["vector"])
+
+
+def keyword_only(rec: Dict[str, Any]) -> List[int]:
+    return [i for i, _ in rec["keyword"]]
+
+
+FAMILIES: Dict[str, List[Tuple[Dict[str, float], Ranker]]] = {
+    "vector": [({}, vector_only)],
+    "keyword": [({}, keyword_only)],
+    "minmax (shipped before)": [({"alpha": a}, minmax(a)) for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)],
+    "rrf": [({"k": k}, rrf(k)) for k in (5, 20, 60)],
+    "sim + lam*coverage": [({"lam": lam}, linear(lam)) for lam in
+                           (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5)],
+    "sim + lam*cov + mu*cov*rarity": [({"lam": lam, "mu": mu}, linear(lam, mu)) for lam, mu in
+                                      itertools.product((0.0, 0.1, 0.2, 0.3, 0.4, 0.6),
+                                                        (0.1, 0.2, 0.4, 0.6, 1.0))],
+    "sim + lam*coverage**p": [({"lam": lam, "p": p}, linear(lam, 0.0, p)) for lam, p in
+                              itertools.product((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0), (1.5, 2, 3))],
+    "sim + lam*cov**p + mu*cov**p*rarity": [({"lam": lam, "mu": mu, "p": p}, linear(lam, mu, p))
+                                            for lam, mu, p in itertools.product(
+                                                (0.0, 0.1, 0.2, 0.3, 0.4), (0.2, 0.4, 0.6, 1.0), (1.5, 2, 3))],
+}
+
+
+# --- metrics and cross-validation -----------------------------------------------------------------
+def para_metrics(recs: Sequence[Dict[str, Any]], ranker: Ranker) -> Dict[str, float]:
+    rows = [paraphrase.rank_metrics([str(i) for i in ranker(r)[:10]], str(r["relevant"][0])) for r in recs]
+    return paraphrase.mean_metrics(rows)
+
+
+def locomo_r10(recs: Sequence[Dict[str, Any]], ranker: Ranker) -> float:
+    vals = []
+    for r in recs:
+        dia = r["dia"]
+        ranked = [dia.get(i, dia.get(str(i), [])) for i in ranker(r)[:10]]
+        vals.append(quality.score(ranked, r["evidence"])["R@10"])
+    return statistics.fmean(vals) if vals else float("nan")
+
+
+def cross_validate(para: List[Dict[str, Any]], loc: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Held-out figures per family (see the module docstring) and the parameters chosen on all data."""
+    for r in para + [r for rs in loc.values() for r in rs]:
+        r["_f"] = features(r)
+    convs = sorted(loc)
+    out: Dict[str, Any] = {}
+    for name, grid in FAMILIES.items():
+        cache: Dict[Tuple[int, str], float] = {}
+
+        def objective(n: int, halves: Sequence[str], cs: Sequence[str],
+                      grid: List[Tuple[Dict[str, float], Ranker]] = grid,
+                      cache: Dict[Tuple[int, str], float] = cache) -> float:
+            ranker = grid[n][1]
+            ps = [r for r in para if r["half"] in halves]
+            key = (n, "para" + "".join(halves))
+            if key not in cache:
+                cache[key] = para_metrics(ps, ranker)["top1"]
+            lv = []
+            for c in cs:
+                if (n, c) not in cache:
+                    cache[(n, c)] = locomo_r10(loc[c], ranker)
+                lv.append(cache[(n, c)])
+            return 0.5 * cache[key] + 0.5 * (statistics.fmean(lv) if lv else 0.0)
+
+        held_para, held_loc = [], {c: [] for c in convs}  # type: List[Dict[str, float]], Dict[str, List[float]]
+        choices = []
+        for c, h in itertools.product(convs, paraphrase.HALVES):
+            train_h = [x for x in paraphrase.HALVES if x != h]
+            train_c = [x for x in convs if x != c]
+            best = max(range(len(grid)), key=lambda n: (objective(n, train_h, train_c), -n))
+            choices.append(grid[best][0])
+            held_para.append(para_metrics([r for r in para if r["half"] == h], grid[best][1]))
+            held_loc[c].append(locomo_r10(loc[c], grid[best][1]))
+        final = max(range(len(grid)), key=lambda n: (objective(n, paraphrase.HALVES, convs), -n))
+        out[name] = {
+            "paraphrase_top1_heldout": statistics.fmean(m["top1"] for m in held_para),
+            "paraphrase_mrr_heldout": statistics.fmean(m["mrr"] for m in held_para),
+            "locomo_r10_heldout": statistics.fmean(statistics.fmean(v) for v in held_loc.values()) if convs else None,
+            "locomo_r10_heldout_per_conversation": {c: statistics.fmean(v) for c, v in held_loc.items()},
+            "chosen_per_fold": choices,
+            "chosen_on_all": grid[final][0],
+        }
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Record both dev sets with the real model and cross-validate every fusion family."""
+    ap = argparse.ArgumentParser(prog="python -m bench.fusion_cv", description=main.__doc__)
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--records", default=None, help="reuse (or write) the records in this JSON file")
+    ap.add_argument("--json", default=None, help="write the result here")
+    args = ap.parse_args(argv)
+    recs_path = Path(args.records) if args.records else None
+    if recs_path and recs_path.exists():
+        recs = json.loads(recs_path.read_text(encoding="utf-8"))
+    else:
+        spec = quality._project_spec(args.model_dir)
+        with tempfile.TemporaryDirectory(prefix="memento-fcv-") as tmp:
+            recs = {"paraphrase": record_paraphrase(spec, Path(tmp)), "locomo": record_locomo(spec, Path(tmp))}
+        if recs_path:
+            recs_path.write_text(json.dumps(recs), encoding="utf-8")
+    for rec in recs["paraphrase"] + [r for rs in recs["locomo"].values() for r in rs]:
+        for key in ("sims", "matched", "dia"):  # JSON object keys are strings
+            if key in rec:
+                rec[key] = {int(k): v for k, v in rec[key].items()}
+    res = cross_validate(recs["paraphrase"], recs["locomo"])
+    for name, r in res.items():
+        loc = r["locomo_r10_heldout"]
+        print(f"{name:34s} paraphrase top-1 {r['paraphrase_top1_heldout']:.3f} MRR {r['paraphrase_mrr_heldout']:.3f}"
+              f"  LoCoMo R@10 {loc if loc is None else round(loc, 3)}  chosen on all: {r['chosen_on_all']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
