@@ -369,7 +369,8 @@ def _quality_section(S: Dict[str, Any]) -> List[str]:
                 "store.fts_query (OR of quoted terms, stopwords dropped); `or_all_terms` keeps stopwords; "
                 "`or_no_speakers` also drops the conversation's speaker names; `and_then_or` = AND of the "
                 "terms, topped up with the OR results. rrf = reciprocal-rank fusion; score = alpha x min-max "
-                "cosine + (1 - alpha) x min-max bm25. The first row is what memory.py does today.", ""]
+                "cosine + (1 - alpha) x min-max bm25 (the hybrid fusion before fusion.py; "
+                "python -m bench.fusion_cv compares today's).", ""]
         current = [e for e in exps if e.get("fusion") == "rrf" and e.get("keyword_query") == "store"
                    and e.get("rrf_k") == 60 and e.get("w_vector") == 1.0 and e.get("w_keyword") == 1.0]
         best = sorted(exps, key=lambda e: (-e["R@10"], -e["R@5"]))[:12]
