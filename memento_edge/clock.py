@@ -21,6 +21,7 @@ Modes (setting ``clock``):
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import sys
 import time
@@ -77,12 +78,18 @@ class _Timex(ctypes.Structure):
     _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 512)]
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    # find_library runs `ldconfig -p` in a child process: once per process, not once per recall.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _kernel_synchronised() -> Optional[bool]:
     """``adjtimex`` state: True synced, False unsynchronised (TIME_ERROR), None when it cannot be asked."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         tx = _Timex()
         state = libc.adjtimex(ctypes.byref(tx))  # modes = 0: read only, needs no privilege
     except (OSError, AttributeError):

@@ -94,20 +94,28 @@ def score(similarity: float, cov: float, rarity: float, params: FusionParams = P
 
 
 def fuse(similarity: Mapping[int, float], evidence: Optional[KeywordEvidence],
-         params: FusionParams = PARAMS) -> List[Scored]:
-    """Every candidate of ``similarity`` (id -> cosine; every candidate must have one) scored and
-    ordered best first (ties by id, so the order is stable)."""
+         params: FusionParams = PARAMS, limit: Optional[int] = None) -> List[Scored]:
+    """The candidates of ``similarity`` (id -> cosine; every candidate must have one) scored and ordered
+    best first (ties by id, so the order is stable); only the best ``limit`` when given."""
     weights = evidence.weights() if evidence else []
+    total = sum(weights)
     top = idf(0, evidence.docs) if evidence else 1.0
-    out = []
+    matched = evidence.matched if evidence else {}
+    keyed = []
     for mid, sim in similarity.items():
-        idx = sorted(set(evidence.matched.get(mid, ()))) if evidence else []
-        cov = coverage(idx, weights)
-        rarity = max((weights[t] for t in idx), default=0.0) / top
-        terms = tuple(evidence.terms[t] for t in idx) if evidence else ()
-        out.append(Scored(mid, score(sim, cov, rarity, params), sim, cov, terms))
-    out.sort(key=lambda s: (-s.score, s.id))
-    return out
+        idx = matched.get(mid)
+        cov = rarity = 0.0
+        if idx and total > 0:
+            uniq = set(idx)
+            cov = sum(weights[t] for t in uniq) / total
+            rarity = max(weights[t] for t in uniq) / top
+        keyed.append((score(sim, cov, rarity, params), mid, sim, cov))
+    keyed.sort(key=lambda t: (-t[0], t[1]))
+    if limit is not None:
+        keyed = keyed[:limit]
+    terms = evidence.terms if evidence else ()
+    return [Scored(mid, sc, sim, cov, tuple(terms[t] for t in sorted(set(matched.get(mid, ())))))
+            for sc, mid, sim, cov in keyed]
 
 
 def matched_terms(evidence: Optional[KeywordEvidence]) -> Dict[int, Tuple[str, ...]]:

@@ -498,11 +498,14 @@ class Memory:
         sims = dict(vec_hits)
         extra = [i for i, _ in kw_hits if i not in sims]
         if extra:
-            sims.update(self.store.exact_similarities(qvec, extra))
+            found = self.store.approx_similarities(qvec, extra)
+            # a memory without a vector yet (e.g. still waiting to be embedded) scores by its words alone
+            sims.update({i: found.get(i, 0.0) for i in extra})
         ev = self._keyword_evidence(query, list(sims))
-        scored = fusion.fuse(sims, ev)[:topk]
-        exact = self.store.exact_similarities(qvec, [h.id for h in scored])
-        scored = fusion.fuse({h.id: exact.get(h.id, h.similarity) for h in scored}, ev)
+        # Rank a margin on approximate cosines, then score the shown hits on exact ones.
+        top = fusion.fuse(sims, ev, limit=topk + 2)
+        exact = self.store.exact_similarities(qvec, [h.id for h in top])
+        scored = fusion.fuse({h.id: exact.get(h.id, h.similarity) for h in top}, ev)
         return scored, (_ranks(vec_hits), _ranks(kw_hits))
 
     def recall_many(self, queries: Sequence[Mapping[str, Any]]) -> List[RecallResult]:

@@ -449,6 +449,16 @@ class _Int8Cache:
             self.put([r[0] for r in rows], vecs)
         self.generation = generation
 
+    def scores_of(self, query: np.ndarray, ids: Sequence[int]) -> Dict[int, float]:
+        """Approximate cosine of ``query`` with the cached vectors of ``ids`` (ids not cached are left out)."""
+        pairs = [(int(i), self.pos[int(i)]) for i in ids if int(i) in self.pos]
+        if not pairs:
+            return {}
+        rows = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        vals = (self.codes[rows].astype(np.float32) @ q) * self.scales[rows]
+        return {i: float(v) for (i, _), v in zip(pairs, vals.tolist())}
+
     def scores(self, query: np.ndarray) -> np.ndarray:
         """Approximate cosine of ``query`` with every cached vector (row order of ``ids``)."""
         out = np.empty(self.n, dtype=np.float32)
@@ -988,6 +998,17 @@ class Store:
                 if v is not None:
                     out[int(mid)] = float(v @ query)
             return out
+
+    def approx_similarities(self, query: np.ndarray, ids: Sequence[int]) -> Dict[int, float]:
+        """Cosine of ``query`` with each of ``ids``' vectors: from the in-memory int8 copy when the store
+        keeps one (within ~1e-3 of exact, no SQLite lookups), else exact."""
+        if self._vcache is None:
+            return self.exact_similarities(query, ids)
+        with self.reader() as c, self._cache_lock:
+            gen = self._generation(c)
+            if self._vcache.generation != gen and gen != self._inflight_gen:
+                self._vcache.rebuild(c, gen)
+            return self._vcache.scores_of(query, ids)
 
     def _cached_search(self, c: sqlite3.Connection, query: np.ndarray, k: int,
                        cand: Optional[Tuple[str, List[Any]]], n: Optional[int],
