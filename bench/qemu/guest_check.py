@@ -4,7 +4,10 @@ Prints one JSON object on stdout. Modes:
 
 ``embed``     platform facts, the embedder backend, ``vec_version()`` when sqlite-vec is installed,
               FTS5 availability, and the embedding of the golden sentence (the host compares it with its
-              own onnxruntime vector: a wrong-architecture native library fails silently otherwise).
+              own vector: a wrong-architecture native library fails silently otherwise). ``--exact``
+              embeds with the numpy int8 runtime, the exact int8 arithmetic: the host uses it as the
+              reference because onnxruntime on x86 CPUs without VNNI saturates some int8 dot products
+              (tests/hardware.py), which ARM guests do not.
 ``baseline``  import the given modules and report the process's RSS: under qemu-user that RSS includes
               the emulator itself, so the bench's RSS minus this baseline approximates the guest's own.
 
@@ -71,13 +74,19 @@ def _vec_version() -> Any:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def mode_embed(model_dir: str) -> Dict[str, Any]:
-    """Embed the golden sentence with whatever backend make_embedder picks on this platform."""
+def mode_embed(model_dir: str, exact: bool = False) -> Dict[str, Any]:
+    """Embed the golden sentence with the backend make_embedder picks here, or the exact int8 runtime."""
     from memento_edge.config import Settings
-    from memento_edge.embedder import make_embedder
 
     settings = Settings.load(env={}, model_dir=model_dir)
-    embedder = make_embedder(settings)
+    if exact:
+        from memento_edge.fallback import NumpyEmbedder
+
+        embedder: Any = NumpyEmbedder(settings)
+    else:
+        from memento_edge.embedder import make_embedder
+
+        embedder = make_embedder(settings)
     t0 = time.perf_counter()
     vec = embedder.embed_batch([GOLDEN_SENTENCE])[0]
     took = time.perf_counter() - t0
@@ -113,10 +122,12 @@ def main(argv: List[str]) -> int:
     sub = ap.add_subparsers(dest="mode", required=True)
     p_embed = sub.add_parser("embed", help="golden embedding + platform facts")
     p_embed.add_argument("model_dir")
+    p_embed.add_argument("--exact", action="store_true",
+                         help="embed with the exact int8 runtime (the host's reference)")
     p_base = sub.add_parser("baseline", help="RSS after importing the given modules")
     p_base.add_argument("modules", nargs="+")
     args = ap.parse_args(argv)
-    result = mode_embed(args.model_dir) if args.mode == "embed" else mode_baseline(args.modules)
+    result = mode_embed(args.model_dir, args.exact) if args.mode == "embed" else mode_baseline(args.modules)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0
