@@ -30,7 +30,7 @@ from .errors import (
 from .schema import (
     CREATE_FIELDS, FILTER_FIELDS, INT64_MAX, MAX_BATCH_QUERIES, MAX_LIST_LIMIT, MAX_METADATA_CHARS,
     MAX_METADATA_DEPTH, MAX_METADATA_KEY_CHARS, MAX_NAME_CHARS, MAX_QUERY_CHARS, MAX_TAG_CHARS, MAX_TAGS,
-    MAX_TEXT_CHARS, MAX_TIMESTAMP, MAX_TOPK, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME, iso_seconds,
+    MAX_SCORE, MAX_TEXT_CHARS, MAX_TIMESTAMP, MAX_TOPK, MIN_SCORE, MIN_TIMESTAMP, MODES, UNTRUSTED_TIME, iso_seconds,
 )
 
 # The field names and limits live in schema.py (one table for the engine, the web layer and OpenAPI).
@@ -427,7 +427,7 @@ class Memory:
         topk = _int(topk, "topk", 1, MAX_TOPK)
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
-        floor = None if min_score is None else _number(min_score, "min_score", -1.0, 1.0)
+        floor = None if min_score is None else _number(min_score, "min_score", MIN_SCORE, MAX_SCORE)
         flt = _validate_filters(filters)
         self._clock_reading()  # time filters must see re-dated rows
         note = None

@@ -307,6 +307,7 @@ def _params() -> Dict[str, Dict[str, Any]]:
         "q": {"required": True, "schema": _string(RECALL_FIELDS["query"])},
         "topk": {"schema": _number(RECALL_FIELDS["topk"])},
         "mode": {"schema": _string(RECALL_FIELDS["mode"])},
+        "min_score": {"schema": _number(RECALL_FIELDS["min_score"]), "description": RECALL_FIELDS["min_score"].help},
     }
 
 

@@ -37,6 +37,8 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_CURSOR_DIGITS = 18             # cursors are ids written in decimal
 MIN_TIMESTAMP = 0.0                # 1970-01-01T00:00:00Z
 MAX_TIMESTAMP = 253402300799.0     # 9999-12-31T23:59:59Z: beyond it ISO-8601 output overflows
+# min_score bounds: a hybrid score is 0..1, a vector score a cosine (-1..1).
+MIN_SCORE, MAX_SCORE = -1.0, 1.0
 MODES = ("hybrid", "vector", "keyword")
 DEFAULT_MODE = "hybrid"
 # What a filter does with memories stored while the board's clock was not trusted (clock.py): "include"
@@ -132,8 +134,8 @@ RECALL_FIELDS = _table(
     Field("topk", "int", "How many hits.", minimum=1, maximum=MAX_TOPK, default=DEFAULT_TOPK),
     Field("mode", "str", "hybrid (meaning and words), vector or keyword.", enum=MODES, default=DEFAULT_MODE),
     Field("filters", "object", "Which memories to consider (see Filters).", nullable=True),
-    Field("min_score", "number", "Drop hits scoring below this (see score).", nullable=True, minimum=-1,
-          maximum=1),
+    Field("min_score", "number", "Drop hits scoring below this (see score).", nullable=True,
+          minimum=MIN_SCORE, maximum=MAX_SCORE),
 )
 
 FILTER_FIELDS = _table(

@@ -171,6 +171,11 @@ def test_count_and_parameter_limits_are_stated_and_enforced(web: WebEnv) -> None
     topk = _param("/v1/recall", "get", "topk")
     assert (topk["minimum"], topk["maximum"]) == (RECALL_FIELDS["topk"].minimum, RECALL_FIELDS["topk"].maximum)
     assert web.client.get(f"/v1/recall?q=x&topk={topk['maximum'] + 1}").status_code == 422
+    floor = _param("/v1/recall", "get", "min_score")
+    assert (floor["type"], floor["minimum"], floor["maximum"]) == (
+        "number", RECALL_FIELDS["min_score"].minimum, RECALL_FIELDS["min_score"].maximum)
+    assert web.client.get(f"/v1/recall?q=x&min_score={floor['maximum'] + 0.5}").status_code == 422
+    assert web.client.get(f"/v1/recall?q=x&min_score={floor['maximum']}").status_code == 200
     assert _param("/v1/recall", "get", "q")["maxLength"] == RECALL_FIELDS["query"].max_length
     assert web.client.get("/v1/recall?q=" + "x" * (RECALL_FIELDS["query"].max_length + 1)).status_code == 422
 

@@ -449,9 +449,22 @@ def test_recall_get(web: WebEnv) -> None:
     assert [h["id"] for h in body["hits"]] == [ids["car"]]
 
 
+def test_recall_get_min_score_drops_weak_hits(web: WebEnv) -> None:
+    ids = _seed(web)
+    every = web.client.get("/v1/recall?q=cat%20windowsill&topk=3").get_json()["hits"]
+    assert len(every) == 3 and every[0]["id"] == ids["cat"]
+    floor = every[0]["score"]
+    body = web.client.get(f"/v1/recall?q=cat%20windowsill&topk=3&min_score={floor!r}").get_json()
+    assert [h["id"] for h in body["hits"]] == [h["id"] for h in every if h["score"] >= floor]
+    assert body["hits"] and len(body["hits"]) < 3
+    assert web.client.get("/v1/recall?q=cat&min_score=-1").get_json()["hits"]
+
+
 @pytest.mark.parametrize("query, status, field", [
     ("", 400, "q"), ("q=x&topk=abc", 400, "topk"), ("q=x&topk=", 400, "topk"), ("q=x&topk=0", 422, "topk"),
-    ("q=x&mode=nope", 422, "mode"),
+    ("q=x&mode=nope", 422, "mode"), ("q=x&min_score=high", 400, "min_score"), ("q=x&min_score=", 400, "min_score"),
+    ("q=x&min_score=nan", 400, "min_score"), ("q=x&min_score=inf", 400, "min_score"),
+    ("q=x&min_score=1.5", 422, "min_score"), ("q=x&min_score=-2", 422, "min_score"),
 ])
 def test_recall_get_errors(web: WebEnv, query: str, status: int, field: str) -> None:
     resp = web.client.get("/v1/recall?" + query)

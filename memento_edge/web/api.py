@@ -22,12 +22,12 @@ from .. import __version__
 from ..errors import Busy
 from ..governor import malloc_trim
 from ..schema import (CREATE_FIELDS, DEFAULT_LIST_LIMIT, FILTER_FIELDS, MAX_BATCH_ITEMS, MAX_BATCH_QUERIES,
-                      MAX_CURSOR_DIGITS, MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_TEXT_CHARS, MAX_TOPK,
-                      MEMORY_FIELDS, RECALL_FIELDS, wire_types)
+                      MAX_CURSOR_DIGITS, MAX_LIST_LIMIT, MAX_NAME_CHARS, MAX_SCORE, MAX_TEXT_CHARS, MAX_TOPK,
+                      MEMORY_FIELDS, MIN_SCORE, RECALL_FIELDS, wire_types)
 from .access import query_params, requires
 from .errors import bad, unprocessable
 from .requests import (check_fields, existing_id, idempotency_key, json_body, ndjson_body, query_int,
-                       query_str)
+                       query_number, query_str)
 from .state import AppState, state
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -180,9 +180,9 @@ def recall_post() -> Response:
 
 @bp.get("/recall")
 @requires("read")
-@query_params("q", "topk", "mode", "collection")
+@query_params("q", "topk", "mode", "collection", "min_score")
 def recall_get() -> Response:
-    """Recall with query-string parameters ``q``, ``topk``, ``mode``, ``collection``."""
+    """Recall with query-string parameters ``q``, ``topk``, ``mode``, ``collection``, ``min_score``."""
     q = query_str("q", max_len=MAX_TEXT_CHARS)  # a cheap bound; the engine applies the query limit
     if q is None:
         raise bad("missing query parameter 'q'", "q")
@@ -196,6 +196,9 @@ def recall_get() -> Response:
     collection = query_str("collection", max_len=MAX_NAME_CHARS)
     if collection:
         kwargs["filters"] = {"collection": collection}
+    min_score = query_number("min_score", MIN_SCORE, MAX_SCORE)
+    if min_score is not None:
+        kwargs["min_score"] = min_score
     return jsonify(state().service.recall(**kwargs).to_dict())
 
 

@@ -226,6 +226,22 @@ def query_int(name: str, default: Optional[int], lo: int, hi: int) -> Optional[i
     return value
 
 
+def query_number(name: str, lo: float, hi: float) -> Optional[float]:
+    """Number query parameter ``name``: 400 when not a finite number, 422 outside ``lo..hi``."""
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw) if len(raw) <= 40 else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise bad(f"{name} must be a number", name)
+    if not lo <= value <= hi:
+        raise unprocessable(f"{name} must be between {lo:g} and {hi:g}", name)
+    return value
+
+
 def query_str(name: str, *, max_len: int = 1000) -> Optional[str]:
     """String query parameter ``name``: 400 with a NUL, 422 over ``max_len`` characters."""
     raw = request.args.get(name)
