@@ -59,9 +59,11 @@ class Service:
         return Created({"items": out} if batch else out[0], any(r.created for r in results))
 
     def remember_once(self, items: Sequence[Mapping[str, Any]], *, batch: bool, key: str, request: Any,
-                      owner: str = "") -> Created:
+                      owner: str = "", key_field: str = "Idempotency-Key") -> Created:
         """:meth:`remember`, at most once per ``(owner, key)``: a retry with the same ``request`` (any
-        JSON-able value, compared by content) gets the first answer, another request a Conflict."""
+        JSON-able value, compared by content) gets the first answer, another request a Conflict naming
+        ``key_field`` (where the face took the key from: REST's header, MCP's argument). One key space for
+        every face, so a retry through either finds the first answer."""
         # Keys are per owner (two agents may pick the same key); hashed so the stored key has a fixed
         # length whatever the owner's name and the key's length.
         scoped_key = hashlib.sha256(f"{owner}\0{key}".encode("utf-8")).hexdigest()
@@ -73,8 +75,8 @@ class Service:
             if stored is not None:
                 stored_hash, stored_status, stored_body = stored
                 if stored_hash != request_hash:
-                    raise Conflict("this Idempotency-Key was already used with a different request body",
-                                   field="Idempotency-Key")
+                    raise Conflict(f"this {key_field} was already used with a different request body",
+                                   field=key_field)
                 return Created(json.loads(stored_body), stored_status == 201, replayed=True)
             created = self.remember(items, batch=batch)
             # Stored with the HTTP status it was first answered with (201 created, 200 already stored).

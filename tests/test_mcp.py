@@ -171,7 +171,21 @@ def test_idempotency_key_returns_the_first_answer_and_refuses_other_arguments(en
     assert again == first and first["created"] is True
     other = call(env, "memory_store", {"text": "twice", "idempotency_key": "k-1"})
     assert other["isError"] and other["structuredContent"]["error"]["code"] == "conflict"
+    assert other["structuredContent"]["error"]["field"] == "idempotency_key"
     assert env.memory.count() == 1
+
+
+def test_idempotency_key_is_shared_with_rest(env: WebEnv) -> None:
+    """One rule, one key space: a retry through REST finds the answer MCP gave, and the other way round."""
+    first = call(env, "memory_store", {"text": "once", "idempotency_key": "k-2"})["structuredContent"]
+    resp = env.client.post("/v1/memories", json={"text": "once"},
+                           headers={**env.auth("rw"), "Idempotency-Key": "k-2"})
+    assert resp.status_code == 201 and resp.headers["Idempotent-Replayed"] == "true"
+    assert resp.get_json() == first
+    rest = env.client.post("/v1/memories", json={"text": "via rest"},
+                           headers={**env.auth("rw"), "Idempotency-Key": "k-3"}).get_json()
+    again = call(env, "memory_store", {"text": "via rest", "idempotency_key": "k-3"})["structuredContent"]
+    assert again == rest and env.memory.count() == 2
 
 
 def test_since_until_accept_relative_phrases(env: WebEnv) -> None:

@@ -111,12 +111,17 @@ class Relay:
 
 def local_handler(settings: Any) -> "tuple[Handler, Callable[[], None]]":
     """A handler over a local database (and a function that closes it)."""
+    from ..governor import Governor
     from ..memory import Memory
+    from ..service import Service
     from .protocol import handle
     from .tools import ToolContext
 
     memory = Memory(settings)
-    ctx = ToolContext(memory=memory, principal="local", allows=lambda scope: True)
+    # A governor without a ceiling (it only reports RSS): the local bridge runs for one agent like the
+    # CLI, not as the appliance's shared service, so it sheds nothing.
+    service = Service(memory, Governor(0, lambda: memory.embedder))
+    ctx = ToolContext(service=service, principal="local", allows=lambda scope: True)
     return (lambda msg: handle(msg, None, lambda: ctx).body), memory.close
 
 

@@ -1,6 +1,7 @@
 """The MCP tools: what each one takes (JSON Schema derived from the field tables), what it answers
 (``structuredContent`` matching its ``outputSchema`` plus a short text an LLM reads well), and the call
-into :class:`~memento_edge.memory.Memory` - the same operations, limits and governor as the REST API.
+into :class:`~memento_edge.service.Service` - the same operations, limits, governor and rules (idempotent
+create, keyword recall under memory pressure) as the REST API.
 
 Every answer is capped at ``max_chars`` characters (each of the text and the JSON): hits and items are
 dropped from the end, and a memory text longer than the whole budget is cut; the answer then says
@@ -13,15 +14,14 @@ errors raised by :mod:`memento_edge.mcp.protocol`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..errors import Busy, Conflict, EmbedTimeout, InvalidInput, MementoError
+from ..errors import Busy, InvalidInput, MementoError
 from .. import schema as S
-from ..memory import Hit, Memory, MemoryRecord, RecallResult
+from ..memory import Hit, Memory, MemoryRecord
+from ..service import Service
 from . import schemas
 from .when import resolve_time
 
@@ -41,16 +41,16 @@ class ToolScopeError(MementoError):
 
 @dataclass
 class ToolContext:
-    """Who calls and what with: the engine, the caller's scopes, and the governor (None on stdio)."""
+    """Who calls and what with: the service (engine + governor + shared rules) and the caller's scopes."""
 
-    memory: Memory
+    service: Service
     principal: str
     allows: Callable[[str], bool]
-    governor: Any = None
 
-    def embedding(self) -> ContextManager[Any]:
-        """The governor's admission for work that embeds (memory pressure -> Busy), if there is one."""
-        return self.governor.embedding() if self.governor is not None else nullcontext()
+    @property
+    def memory(self) -> Memory:
+        """The engine, for the operations that need no service rule (get, delete, recent, stats)."""
+        return self.service.memory
 
 
 @dataclass(frozen=True)
@@ -203,51 +203,14 @@ def _hit(hit: Hit) -> Dict[str, Any]:
 def _store(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     key = args.pop("idempotency_key", None)
     if key is None:
-        payload = _remember(ctx, args)
+        created = ctx.service.remember([args], batch=False)
     else:
-        payload = _remember_once(ctx, args, key)
+        created = ctx.service.remember_once([args], batch=False, key=key, request=args, owner=ctx.principal,
+                                            key_field="idempotency_key")
+    payload = created.payload
     if payload["created"]:
         return payload, f"Stored as memory #{payload['id']}."
     return payload, f"Already stored as memory #{payload['id']} (nothing new was created)."
-
-
-def _remember(ctx: ToolContext, item: Dict[str, Any]) -> Dict[str, Any]:
-    with ctx.embedding():
-        return ctx.memory.remember_many([item])[0].to_dict()
-
-
-def _remember_once(ctx: ToolContext, item: Dict[str, Any], key: str) -> Dict[str, Any]:
-    """Store ``item`` unless ``key`` was used before (then answer as the first time); the key space is the
-    REST ``Idempotency-Key``'s, so a retry through either face finds the first answer."""
-    scoped = hashlib.sha256(f"{ctx.principal}\0{key}".encode("utf-8")).hexdigest()
-    digest = hashlib.sha256(json.dumps(item, sort_keys=True, separators=(",", ":"),
-                                       ensure_ascii=False).encode("utf-8")).hexdigest()
-    stored = ctx.memory.idempotency_get(scoped)
-    if stored is not None:
-        if stored[0] != digest:
-            raise Conflict("this idempotency_key was already used with different arguments",
-                           field="idempotency_key")
-        return json.loads(stored[2])
-    payload = _remember(ctx, item)
-    ctx.memory.idempotency_put(scoped, digest, 201 if payload["created"] else 200,
-                               json.dumps(payload, separators=(",", ":")))
-    return payload
-
-
-def _recall(ctx: ToolContext, kwargs: Dict[str, Any]) -> RecallResult:
-    mode = kwargs.get("mode", "hybrid")
-    if mode == "keyword":
-        return ctx.memory.recall(**kwargs)
-    try:
-        with ctx.embedding():
-            result = ctx.memory.recall(**kwargs)
-    except Busy as exc:
-        if isinstance(exc, EmbedTimeout) or ctx.governor is None or ctx.governor.state != "hard":
-            raise
-        # As REST: under memory pressure recall is answered by keyword, and says so.
-        result = ctx.memory.recall(**dict(kwargs, mode="keyword"))
-        result.note = f"{mode} recall unavailable under memory pressure, answered by keyword"
-    return result
 
 
 def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
@@ -255,7 +218,7 @@ def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
     min_score = args.pop("min_score", None)
     kwargs: Dict[str, Any] = {k: args.pop(k) for k in ("query", "topk", "mode") if k in args}
     filters = {k: resolve_time(v, k) if k in ("since", "until") else v for k, v in args.items() if v is not None}
-    result = _recall(ctx, dict(kwargs, filters=filters))
+    result = ctx.service.recall(**kwargs, filters=filters)
     hits = [_hit(h) for h in result.hits if min_score is None or h.score >= min_score]
     payload = cap_entries({"query": result.query, "mode": result.mode, "note": result.note, "hits": hits},
                           "hits", max_chars)
@@ -292,8 +255,7 @@ def _update(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
                                field=name)
     if "metadata" in args and args["metadata"] is None:
         args["metadata"] = {}
-    with ctx.embedding() if "text" in args else nullcontext():
-        record = _record(ctx.memory.update(memory_id, **args))
+    record = _record(ctx.service.update(memory_id, **args))
     return record, f"Updated memory #{memory_id}: {', '.join(sorted(args))}."
 
 

@@ -52,8 +52,8 @@ def mcp_endpoint() -> Response:
         return _json_reply(Reply(400, error_body(PARSE_ERROR, "Parse error: the body is not valid JSON")))
     principal = g.principal
     headers = {k.lower(): v for k, v in request.headers.items()}
-    reply = handle(msg, headers, lambda: ToolContext(memory=st.memory, principal=principal.name,
-                                                      allows=principal.allows, governor=st.governor))
+    reply = handle(msg, headers, lambda: ToolContext(service=st.service, principal=principal.name,
+                                                      allows=principal.allows))
     return _json_reply(reply)
 
 
