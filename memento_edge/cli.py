@@ -248,7 +248,8 @@ def remember(state: _State, text: Optional[str], collection: str, tags: List[str
         res = mem.remember(text, collection=collection, tags=tags, source=source, session_id=session_id,
                            importance=importance, metadata=meta)
     _emit(state, res.to_dict(),
-          lambda d: click.echo(f"stored #{d['id']}" if d["created"] else f"already stored as #{d['id']}"))
+          lambda d: click.echo((f"stored #{d['id']}" if d["created"] else f"already stored as #{d['id']}")
+                               + (" (embedding pending)" if d.get("embedding") == "pending" else "")))
 
 
 @main.command()
@@ -390,12 +391,47 @@ def stats(state: _State) -> None:
                       f"{cache.get('misses', 0)} misses"],
             ["sqlite / sqlite-vec", f"{d['sqlite_version']} / {d['sqlite_vec_version']}"],
             ["schema", str(d["schema"])],
+            ["embedding backlog", _backlog_line(d["backlog"])],
         ]
         if d.get("model_error"):
             rows.append(["model error", d["model_error"]])
         _table(rows, ["", ""])
         if d.get("vector_note"):
             click.secho(f"note: {d['vector_note']}", fg="yellow", err=True)
+
+    _emit(state, info, human)
+
+
+def _backlog_line(b: Dict[str, Any]) -> str:
+    eta = "" if not b["pending"] else (f", ETA {b['eta_s']:.0f} s" if b["eta_s"] is not None else ", ETA unknown")
+    failed = f", {b['failed']} failed" if b["failed"] else ""
+    return f"{b['pending']} pending{failed} ({b['mode']} mode), {b['drain_per_min']:g}/min lately{eta}"
+
+
+@main.command()
+@click.option("--drain", is_flag=True, help="Embed the whole backlog now, in this process, before returning.")
+@click.pass_obj
+@_errors
+def backlog(state: _State, drain: bool) -> None:
+    """Memories stored but not yet embedded (embed_mode: background): count, age, drain rate."""
+    with state.memory() as mem:
+        if drain:
+            total = mem.backlog_state()["pending"]
+            with _progress_bar("embedding", total) as bar:
+                while True:
+                    n = mem.embed_pending()
+                    if not n:
+                        break
+                    bar.update(n)
+        info = mem.backlog_state()
+
+    def human(d: Dict[str, Any]) -> None:
+        click.echo(_backlog_line(d))
+        if d["oldest_age_s"] is not None:
+            click.echo(f"oldest queued {d['oldest_age_s']:.0f} s ago")
+        worker = d["worker"]
+        if worker.get("last_error"):
+            click.echo(f"worker: {worker['state']}: {worker['last_error']}")
 
     _emit(state, info, human)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -100,6 +101,16 @@ def _clock_mode(value: Any) -> str:
     return text
 
 
+EMBED_MODES = ("auto", "inline", "background")
+
+
+def _embed_mode(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in EMBED_MODES:
+        raise ValueError(f"embed_mode must be one of {', '.join(EMBED_MODES)}")
+    return text
+
+
 SETTINGS: List[Setting] = [
     Setting("home", _optional_str, None,
             "State directory; default $XDG_DATA_HOME/memento-edge (~/.local/share/memento-edge)."),
@@ -140,6 +151,10 @@ SETTINGS: List[Setting] = [
     Setting("dedupe_threshold", float, 0.0,
             "Cosine similarity at or above which a new memory in the same collection is treated as a "
             "duplicate of an existing one (0 = exact text only)."),
+    Setting("embed_mode", _embed_mode, "auto",
+            "When a memory's vector is computed: inline (remember waits for the model) or background (remember "
+            "answers at once with embedding 'pending'; the service embeds the backlog in order, queries "
+            "first). auto = background on armv6l (a Pi Zero / Zero W), inline elsewhere."),
     Setting("vector_backend", str, "auto",
             "Vector index of a NEW database: auto (sqlite-vec when loadable, else numpy), sqlite-vec, numpy."),
     Setting("clock", _clock_mode, "auto",
@@ -204,6 +219,7 @@ class Settings:
     rss_limit_mb: int = 0
     synchronous: str = "FULL"
     dedupe_threshold: float = 0.0
+    embed_mode: str = "auto"
     vector_backend: str = "auto"
     clock: str = "auto"
     device_status: str = "/run/memento-edge-device/status.json"
@@ -231,6 +247,14 @@ class Settings:
     def model_path(self) -> Path:
         """The model directory (``MEMENTO_MODEL_DIR``)."""
         return Path(self.model_dir).expanduser() if self.model_dir else self.home_path / "model"
+
+    @property
+    def embed_background(self) -> bool:
+        """Whether ``remember`` leaves embedding to the background worker (``embed_mode``)."""
+        if self.embed_mode == "auto":
+            # An armv6 core needs seconds per text: a write must not wait for that.
+            return platform.machine().lower().startswith("armv6")
+        return self.embed_mode == "background"
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with ``changes`` applied (validated like any other source)."""

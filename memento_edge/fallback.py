@@ -670,6 +670,22 @@ class NumpyEmbedder(LazyModel):
         tokenizer.padding = False
         return tokenizer, model
 
+    def embed_deferring(self, text: str, pause: Callable[[], None]) -> np.ndarray:
+        """One text's vector for the background worker (backlog.py), uncached.
+
+        No run slot and no ``request_timeout``: a 200-token text takes a minute on a Pi Zero and must
+        still finish. ``pause()`` runs between layers; the worker parks there while a query embeds, so
+        the query has the core instead of queueing behind this text.
+        """
+        tokenizer, model = self._acquire(time.monotonic() + max(float(self.settings.request_timeout), 0.0))
+        try:
+            vec = model.forward(tokenizer.token_ids(text), pause)
+        finally:
+            self._release()
+        with self._stats_lock:
+            self.embed_count += 1
+        return vec
+
     # --- embedding ---------------------------------------------------------------------------
     def _infer(self, texts: List[str]) -> np.ndarray:
         """Vectors of ``texts`` (no cache), one text at a time, each within ``request_timeout``."""

@@ -22,6 +22,7 @@ import numpy as np
 from . import fusion
 from . import store as _store
 from .budget import WorkBudget, estimate_tokens
+from .backlog import BATCH, COMMIT_S, MAX_ATTEMPTS, TRANSIENT, EmbedWorker, QueryFirst, WorkerStopping, embed_one
 from .clock import ClockReading, ClockSource, SystemClock
 from .config import Settings
 from .errors import (
@@ -151,11 +152,16 @@ class Hit(MemoryRecord):
 
 @dataclass
 class RememberResult:
-    """Outcome of storing one memory: ``created`` is False when an existing memory was returned instead."""
+    """Outcome of storing one memory: ``created`` is False when an existing memory was returned instead.
+
+    ``embedding`` is ``"done"`` once the memory has its vector, ``"pending"`` while the background worker
+    owes it (keyword recall finds it already; vector recall once it is embedded).
+    """
 
     id: int
     created: bool
     duplicate_of: Optional[int] = None
+    embedding: str = "done"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -227,10 +233,16 @@ class Memory:
         self.clock_corrections = 0  # rows re-dated by this process (a /metrics counter)
         # Embedding work in flight, in estimated tokens, shared by every face (budget.py).
         self.work = WorkBudget(self.settings.work_token_budget)
+        self.background = self.settings.embed_background
+        self.query_first = QueryFirst()
+        self._worker: Optional[EmbedWorker] = None
+        self._worker_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the database (the model is unloaded with the process)."""
+        """Stop the background worker (work done is committed) and close the database."""
+        if self._worker is not None:
+            self._worker.stop()
         self.store.close()
 
     def __enter__(self) -> "Memory":
@@ -259,7 +271,8 @@ class Memory:
         self._check_fingerprint()
         if self.store.vector is None:
             raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
-        return np.asarray(self.embedder.embed_batch(list(texts)), dtype=np.float32)
+        with self.query_first.foreground():  # someone is waiting for these: the worker yields
+            return np.asarray(self.embedder.embed_batch(list(texts)), dtype=np.float32)
 
     # --- clock guard ------------------------------------------------------------------------------
     def _clock_reading(self) -> ClockReading:
@@ -303,6 +316,7 @@ class Memory:
         # Budgeted before validation: a request over the budget costs no more than this estimate.
         texts = (it.get("text") if isinstance(it, Mapping) else None for it in given)
         tokens = estimate_tokens((t for t in texts if isinstance(t, str)), self.settings.max_tokens)
+        tokens = 0 if self.background else tokens  # a background write never runs the model
         results: List[RememberResult] = []
         # ``progress`` runs between mini-batches: the web layer's memory governor can stop a long batch there.
         with self.work.take(tokens, wait=WORK_WAIT_S):
@@ -315,9 +329,40 @@ class Memory:
         return results
 
     def _tokens(self, items: Sequence[Mapping[str, Any]]) -> int:
+        if self.background:
+            return 0  # the backlog worker embeds later, outside any request's budget
         return estimate_tokens((it["text"] for it in items), self.settings.max_tokens)
 
     def _remember_batch(self, batch: List[Dict[str, Any]]) -> List[RememberResult]:
+        out = self._remember_pending(batch) if self.background else self._remember_embedded(batch)
+        dups = [r.id for r in out if not r.created]
+        owed = self.store.pending_ids(dups) if dups else set()
+        for r in out:
+            if not r.created:
+                r.embedding = "pending" if r.id in owed else "done"
+        return out
+
+    def _remember_pending(self, batch: List[Dict[str, Any]]) -> List[RememberResult]:
+        """Background mode: commit rows, tags and keyword index now; the vectors are owed (backlog.py)."""
+        out: List[RememberResult] = []
+        seen: Dict[Tuple[str, str], int] = {}
+        stamp = self._clock_reading()
+        with self.store.writer() as conn:
+            for item in batch:
+                key = (item["collection"], item["text"])
+                dup = seen.get(key) or self.store.find_duplicate(conn, *key)
+                if dup is not None:
+                    out.append(RememberResult(id=dup, created=False, duplicate_of=dup))
+                    continue
+                mid = self.store.insert(conn, item, None, stamp)
+                seen[key] = mid
+                out.append(RememberResult(id=mid, created=True, embedding="pending"))
+            # queued_at is for the backlog's age only: the wall clock, trusted or not.
+            self.store.enqueue(conn, [r.id for r in out if r.created], time.time())
+        self._wake_worker()
+        return out
+
+    def _remember_embedded(self, batch: List[Dict[str, Any]]) -> List[RememberResult]:
         # Exact duplicates need no embedding: find them first (re-checked under the write lock below).
         with self.store.reader() as conn:
             existing = [self.store.find_duplicate(conn, it["collection"], it["text"]) for it in batch]
@@ -364,12 +409,21 @@ class Memory:
             raise InvalidInput("nothing to update: give at least one field", field="body")
         clean = _validate_item({"text": "x", **given}, partial=True)
         fields = {k: clean[k] for k in given if k != "tags"}
-        vector = self._vectors([clean["text"]])[0] if "text" in given else None
+        new_text = "text" in given
+        vector = self._vectors([clean["text"]])[0] if new_text and not self.background else None
         now = self._clock_reading().wall
         with self.store.writer() as conn:
             if not self.store.update(conn, memory_id, fields, clean.get("tags") if "tags" in given else None,
                                      vector, now):
                 raise NotFound(f"no memory with id {memory_id}", field="id")
+            if new_text and self.background:
+                # The old vector describes the old text: drop it and owe one for the new text.
+                self.store.drop_vector(conn, memory_id)
+                self.store.enqueue(conn, [memory_id], time.time())
+            elif new_text:
+                self.store.unqueue(conn, [memory_id])  # an in-flight embedding of the old text is discarded
+        if new_text and self.background:
+            self._wake_worker()
         return self.get(memory_id)
 
     def delete(self, memory_id: int) -> None:
@@ -384,6 +438,10 @@ class Memory:
         memory_id = _validate_id(memory_id)
         row = self.store.get(memory_id)
         if row is None:
+            into = self.store.merged_into(memory_id)
+            if into is not None:
+                raise NotFound(f"memory {memory_id} was merged into memory {into} as a near-duplicate",
+                               field="id")
             raise NotFound(f"no memory with id {memory_id}", field="id")
         return MemoryRecord.from_row(row)
 
@@ -437,7 +495,8 @@ class Memory:
                 self._check_fingerprint()
                 if self.store.vector is None:
                     raise StoreError("sqlite-vec is not available on this machine")
-                qvec = np.asarray(self.embedder.embed(query), dtype=np.float32)
+                with self.query_first.foreground():  # the background worker parks meanwhile
+                    qvec = np.asarray(self.embedder.embed(query), dtype=np.float32)
             except (ModelUnavailable, ModelMismatch, Busy, StoreError) as exc:
                 note = f"{mode} recall unavailable, answered by keyword: {exc}"
                 mode = "keyword"
@@ -534,6 +593,7 @@ class Memory:
             emb = {"error": str(exc)}
         info["embedder"] = emb
         info["clock"] = self.clock_state()
+        info["backlog"] = self.backlog_state()
         try:
             fp = self.embedder.fingerprint
             info["model_state"] = "loaded" if self.embedder.loaded else "cold"
@@ -671,6 +731,7 @@ class Memory:
             vecs = np.asarray(self.embedder.embed_batch([r["text"] for r in rows]), dtype=np.float32)
             with self.store.writer() as conn:
                 self.store.put_vectors(conn, [r["id"] for r in rows], vecs)
+                self.store.unqueue(conn, [r["id"] for r in rows])
             done += len(rows)
             if progress is not None:
                 progress(done, total)
@@ -678,6 +739,102 @@ class Memory:
         with self._fp_lock:
             self._fingerprint_ok = True
         return done
+
+
+    # --- background embedding (backlog.py) ---------------------------------------------------------
+    def start_embed_worker(self) -> EmbedWorker:
+        """Start the thread that drains the embedding backlog (``serve`` does; idempotent)."""
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = EmbedWorker(self)
+            self._worker.start()
+            return self._worker
+
+    def _wake_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.wake()
+
+    def embed_pending(self, limit: int = BATCH, pause: Optional[Callable[[], None]] = None) -> int:
+        """Embed up to ``limit`` memories of the backlog, oldest first; returns how many were settled.
+
+        Settled = vector written, or merged into a near-duplicate (see backlog.py for the order of rules).
+        ``pause`` runs between texts and between layers (the worker parks there while a query embeds).
+        Work is committed every ``COMMIT_S`` seconds, so a kill loses at most that much effort, never data.
+        Transient failures (model missing, database busy) propagate; a text that fails otherwise is
+        counted against its entry and skipped after ``MAX_ATTEMPTS``.
+        """
+        items = self.store.backlog_batch(limit, MAX_ATTEMPTS)
+        if not items:
+            return 0
+        self._check_fingerprint()
+        if self.store.vector is None:
+            raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
+        wait: Callable[[], None] = pause or self.query_first.wait_idle
+        chunk: List[Tuple[int, int, str, np.ndarray]] = []
+        settled = 0
+        started = time.monotonic()
+        try:
+            for seq, mid, text, coll in items:
+                wait()
+                try:
+                    vec = embed_one(self.embedder, text, wait)
+                except (WorkerStopping, *TRANSIENT):
+                    raise
+                except Exception as exc:  # the text's own fault (or a bug): count it, move on
+                    _log.warning("embedding memory %d failed: %s", mid, exc)
+                    self.store.backlog_failed(seq, f"{type(exc).__name__}: {exc}")
+                    continue
+                chunk.append((seq, mid, coll, vec))
+                if time.monotonic() - started >= COMMIT_S:
+                    settled += self._settle(chunk)
+                    chunk, started = [], time.monotonic()
+        finally:
+            if chunk:
+                settled += self._settle(chunk)
+        return settled
+
+    def _settle(self, chunk: List[Tuple[int, int, str, np.ndarray]]) -> int:
+        """Write a chunk of embedded backlog entries in one transaction (merging near-duplicates)."""
+        merges = self._embed_time_duplicates(chunk) if self.settings.dedupe_threshold > 0 else {}
+        now = time.time()
+        n = 0
+        with self.store.writer() as conn:
+            for seq, mid, _coll, vec in chunk:
+                if mid in merges:
+                    n += self.store.backlog_merge(conn, seq, mid, merges[mid], now)
+                else:
+                    n += self.store.backlog_done(conn, seq, mid, vec)
+            self.store.backlog_log(conn, n, now)
+        return n
+
+    def _embed_time_duplicates(self, chunk: List[Tuple[int, int, str, np.ndarray]]) -> Dict[int, int]:
+        """Memories of ``chunk`` to merge: {id: id of its near-duplicate}, an embedded memory of the same
+        collection or an earlier, kept memory of the chunk (which the index cannot see yet)."""
+        found: Dict[int, int] = {}
+        kept: List[Tuple[int, str, np.ndarray]] = []
+        for _seq, mid, coll, vec in chunk:
+            hits = [h for h in self.store.vector_search(vec, 2, {"collection": coll}) if h[0] != mid]
+            best = hits[0] if hits else None
+            for kid, kcoll, kvec in kept:
+                sim = float(kvec @ vec)
+                if kcoll == coll and (best is None or sim > best[1]):
+                    best = (kid, sim)
+            if best is not None and best[1] >= self.settings.dedupe_threshold:
+                found[mid] = best[0]
+            else:
+                kept.append((mid, coll, vec))
+        return found
+
+    def backlog_state(self) -> Dict[str, Any]:
+        """The embedding backlog: mode, pending / failed entries, oldest age, drain rate, ETA, worker."""
+        info: Dict[str, Any] = {"mode": "background" if self.background else "inline",
+                                **self.store.backlog_stats(time.time(), MAX_ATTEMPTS)}
+        todo = info["pending"] - info["failed"]
+        rate = info["drain_per_min"]
+        info["eta_s"] = 0.0 if todo == 0 else (round(todo / rate * 60.0, 1) if rate > 0 else None)
+        info["worker"] = (self._worker.describe() if self._worker is not None
+                          else {"state": "not running in this process", "last_error": None, "embedded": 0})
+        return info
 
 
 def _json_line(line: str) -> Any:

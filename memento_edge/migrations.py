@@ -104,6 +104,36 @@ def m003_clock_guard(conn: sqlite3.Connection) -> None:
     # Partial: it holds only the (normally zero) untrusted rows, so it costs nothing on a synced board.
     conn.execute("CREATE INDEX memories_untrusted ON memories (clock_boot_id) WHERE clock_trusted = 0")
 
+
+@migration
+def m004_embed_backlog(conn: sqlite3.Connection) -> None:
+    # Background embedding (memory.py, backlog.py): a memory is acknowledged once its row, tags and FTS
+    # entry are committed; its vector is owed until the worker deletes its row here. In SQLite, not in
+    # RAM, so a restart or kill -9 resumes where the worker stopped. ``seq`` orders the work (a text
+    # update re-queues with a new seq, so an embedding of the old text can tell it is stale); the cascade
+    # drops the debt with the memory. ``attempts`` counts non-transient failures (a poison text is
+    # skipped after a few, not retried forever).
+    conn.execute(
+        """CREATE TABLE embed_backlog (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            memory_id INTEGER NOT NULL UNIQUE REFERENCES memories (id) ON DELETE CASCADE,
+            queued_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT
+        )"""
+    )
+    # Embedded count per minute (kept for an hour): the drain rate any process (service, CLI) can read.
+    conn.execute("CREATE TABLE embed_log (minute INTEGER PRIMARY KEY, embedded INTEGER NOT NULL)")
+    # Merged near-duplicates: the id a client was given points at the memory that was kept.
+    conn.execute(
+        """CREATE TABLE embed_merged (
+            memory_id INTEGER PRIMARY KEY,
+            duplicate_of INTEGER NOT NULL,
+            merged_at REAL NOT NULL
+        )"""
+    )
+
+
 def applied(conn: sqlite3.Connection) -> List[str]:
     """Names of the migrations already applied to ``conn``'s database, in order."""
     exists = conn.execute(

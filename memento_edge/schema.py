@@ -127,6 +127,8 @@ REMEMBER_FIELDS = _table(
     Field("id", "int", int64=True),
     Field("created", "bool", "false when the text was already stored (then id is the existing memory)."),
     Field("duplicate_of", "int", nullable=True, int64=True),
+    Field("embedding", "str", "pending: stored and keyword-searchable; the background worker has not "
+                              "embedded it yet (embed_mode). done: it has its vector.", enum=("done", "pending")),
 )
 
 RECALL_FIELDS = _table(

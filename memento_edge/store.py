@@ -894,6 +894,11 @@ class Store:
                 raise StoreError("deleting needs sqlite-vec here (the vector would be left behind)")
             return True
 
+    def drop_vector(self, conn: sqlite3.Connection, memory_id: int) -> None:
+        """Remove one memory's vector (its text changed and the new vector is owed), if vectors work here."""
+        if self.vector is not None:
+            self._vec_delete(conn, memory_id)
+
     def put_vectors(self, conn: sqlite3.Connection, ids: Sequence[int], vectors: np.ndarray) -> None:
         """Replace the vectors of ``ids`` (reindex)."""
         self._vec_put(conn, ids, vectors)
@@ -1152,6 +1157,93 @@ class Store:
                 {"wall": now.wall, "boot_ns": now.boot_ns, "boot_id": now.boot_id})
             return int(cur.rowcount)
 
+    # --- embedding backlog (see backlog.py) -------------------------------------------------------
+    @staticmethod
+    def enqueue(conn: sqlite3.Connection, ids: Sequence[int], now: float) -> None:
+        """Owe a vector for each of ``ids`` (in the caller's transaction); a queued id moves to the end."""
+        rows = [(int(i),) for i in ids]
+        conn.executemany("DELETE FROM embed_backlog WHERE memory_id = ?", rows)
+        conn.executemany("INSERT INTO embed_backlog (memory_id, queued_at) VALUES (?, ?)",
+                         [(int(i), now) for i in ids])
+
+    @staticmethod
+    def unqueue(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+        """Drop the backlog entries of ``ids`` (their vectors were just written another way)."""
+        conn.executemany("DELETE FROM embed_backlog WHERE memory_id = ?", [(int(i),) for i in ids])
+
+    def backlog_batch(self, limit: int, max_attempts: int) -> List[Tuple[int, int, str, str]]:
+        """The oldest ``limit`` entries not failed ``max_attempts`` times: (seq, id, text, collection)."""
+        with self.reader() as c:
+            rows = c.execute("""SELECT b.seq, m.id, m.text, m.collection FROM embed_backlog b
+                                JOIN memories m ON m.id = b.memory_id
+                                WHERE b.attempts < ? ORDER BY b.seq LIMIT ?""", (max_attempts, limit)).fetchall()
+        return [(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+
+    def backlog_done(self, conn: sqlite3.Connection, seq: int, memory_id: int, vector: np.ndarray) -> bool:
+        """Write the vector owed by entry ``seq`` and drop the entry; False, writing nothing, when the
+        entry is gone (the memory was deleted, or its text updated and re-queued, since it was read)."""
+        if conn.execute("DELETE FROM embed_backlog WHERE seq = ?", (seq,)).rowcount == 0:
+            return False
+        self._vec_put(conn, [memory_id], vector[None, :])
+        return True
+
+    @staticmethod
+    def backlog_merge(conn: sqlite3.Connection, seq: int, memory_id: int, into: int, now: float) -> bool:
+        """Merge pending memory ``memory_id`` into its near-duplicate ``into``: delete it and leave a
+        pointer; False when entry ``seq`` is gone (see :meth:`backlog_done`)."""
+        if conn.execute("DELETE FROM embed_backlog WHERE seq = ?", (seq,)).rowcount == 0:
+            return False
+        conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+        conn.execute("INSERT OR REPLACE INTO embed_merged (memory_id, duplicate_of, merged_at) VALUES (?, ?, ?)",
+                     (memory_id, into, now))
+        return True
+
+    @staticmethod
+    def backlog_log(conn: sqlite3.Connection, embedded: int, now: float) -> None:
+        """Count ``embedded`` vectors in this minute's bucket (an hour of buckets is kept)."""
+        minute = int(now // 60)
+        conn.execute("INSERT INTO embed_log (minute, embedded) VALUES (?, ?) "
+                     "ON CONFLICT (minute) DO UPDATE SET embedded = embedded + excluded.embedded", (minute, embedded))
+        conn.execute("DELETE FROM embed_log WHERE minute < ?", (minute - 60,))
+
+    def backlog_failed(self, seq: int, error: str) -> None:
+        """Count a non-transient failure of entry ``seq``."""
+        with self.writer() as c:
+            c.execute("UPDATE embed_backlog SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
+                      (error[:500], seq))
+
+    def pending_ids(self, ids: Sequence[int]) -> set:
+        """Those of ``ids`` that still owe a vector."""
+        out: set = set()
+        with self.reader() as c:
+            for start in range(0, len(ids), 500):
+                part = [int(i) for i in ids[start:start + 500]]
+                marks = ",".join("?" * len(part))
+                out.update(r[0] for r in c.execute(
+                    f"SELECT memory_id FROM embed_backlog WHERE memory_id IN ({marks})", part))
+        return out
+
+    def merged_into(self, memory_id: int) -> Optional[int]:
+        """The memory a merged near-duplicate ``memory_id`` was folded into, or None."""
+        with self.reader() as c:
+            row = c.execute("SELECT duplicate_of FROM embed_merged WHERE memory_id = ?", (memory_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def backlog_stats(self, now: float, max_attempts: int, window_min: int = 10) -> Dict[str, Any]:
+        """Pending and failed entries, the oldest one's age, and vectors embedded per minute lately."""
+        with self.reader() as c:
+            pending, failed, oldest = c.execute(
+                "SELECT count(*), coalesce(sum(attempts >= ?), 0), min(queued_at) FROM embed_backlog",
+                (max_attempts,)).fetchone()
+            first_minute = int(now // 60) - window_min + 1
+            done, since = c.execute("SELECT coalesce(sum(embedded), 0), min(minute) FROM embed_log "
+                                    "WHERE minute >= ?", (first_minute,)).fetchone()
+        # The rate spans from the first bucket seen in the window to now (at least a minute).
+        span_min = max(1.0, (now - since * 60) / 60.0) if since is not None else float(window_min)
+        return {"pending": int(pending), "failed": int(failed),
+                "oldest_age_s": None if oldest is None else round(max(0.0, now - oldest), 1),
+                "embedded_recent": int(done), "drain_per_min": round(done / span_min, 2)}
+
     # --- maintenance ----------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Counts, sizes and versions."""
@@ -1196,8 +1288,10 @@ class Store:
                 problems.extend(self.vector.damaged(c))
                 n_mem = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
                 n_vec = self.vector.count(c)
-            if n_vec != n_mem:
-                problems.append(f"{n_mem} memories but {n_vec} vectors (run `memento-edge reindex`)")
+                owed = int(c.execute("SELECT count(*) FROM embed_backlog").fetchone()[0])
+            if n_vec != n_mem - owed:
+                problems.append(f"{n_mem} memories ({owed} awaiting embedding) but {n_vec} vectors "
+                                "(run `memento-edge reindex`)")
         return problems
 
     def health(self) -> Dict[str, Any]:

@@ -105,7 +105,7 @@ def test_create_same_text_again_returns_200_and_existing_id(web: WebEnv) -> None
     first = remember(web, "same words")
     resp = web.client.post("/v1/memories", json={"text": "same words"})
     assert resp.status_code == 200
-    assert resp.get_json() == {"id": first, "created": False, "duplicate_of": first}
+    assert resp.get_json() == {"id": first, "created": False, "duplicate_of": first, "embedding": "done"}
 
 
 def test_create_batch_returns_ids_in_order(web: WebEnv) -> None:

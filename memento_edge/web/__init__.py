@@ -107,6 +107,9 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     _log_start(mode, st, address)
     started = time.monotonic()
     stop_governor = st.governor.start_background()
+    start_worker = getattr(st.memory, "start_embed_worker", None)
+    if callable(start_worker):
+        start_worker()  # drains the embedding backlog (also one left by a previous run)
     if settings.warmup:
         st.embedder.start_warmup()  # the service answers meanwhile: recall degrades to keyword search
 
