@@ -120,6 +120,8 @@ def build_rows(results: Dict[str, Any]) -> List[Row]:
     add("Store", "Remember, durable (synchronous=FULL): median", "20.4 ms", ("<=", 6, "ms"), "store",
         ("remember", "median"), "ms")
     add("Store", "Remember, durable: p95", "—", None, "store", ("remember", "p95"), "ms")
+    add("Store", "Remember acknowledged, background embedding (durable): median", "—", ("<=", 50, "ms"),
+        "store", ("remember_background", "median"), "ms")
     sizes = _get(S, "store", "project", "sizes") or _get(S, "store", "baseline", "sizes") or []
     for size in sizes:
         label = f"{size:,}"

@@ -238,6 +238,13 @@ def _service_schemas() -> Dict[str, Any]:
                     "untrusted_memories": {"type": "integer"},
                     "corrected": {"type": "integer"},
                     "error": _STRING}},
+                "backlog": {"type": "object", "description": "Memories stored but not yet embedded "
+                            "(embed_mode background): never a reason to be unready.", "properties": {
+                                "mode": {"type": "string", "enum": ["inline", "background"]},
+                                "pending": {"type": "integer"}, "failed": {"type": "integer"},
+                                "oldest_age_s": _nullable({"type": "number"}),
+                                "drain_per_min": {"type": "number"}, "eta_s": _nullable({"type": "number"}),
+                                "worker": _STRING, "error": _STRING}},
             },
         },
     }

@@ -7,6 +7,8 @@ So two rules live here, once, for every face to call:
   :class:`~memento_edge.governor.Governor` (``Busy`` when memory is critically high), except that
   hybrid and vector recall are then answered by keyword - with a ``note`` saying why - instead of
   refused, the way the engine degrades when the model is missing;
+- **background writes are not shed**: with background embedding (``Memory.background``) a write never
+  runs the model, so memory pressure does not refuse it; the backlog worker embeds later;
 - **idempotent create**: a retried create with the same key (per caller) and the same request returns
   the first answer; the same key with another request is a :class:`~memento_edge.errors.Conflict`.
 
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Mapping, Sequence
 
 from .errors import Busy, Conflict, EmbedTimeout
 from .governor import HARD, Governor
@@ -50,11 +53,12 @@ class Service:
     # --- writes ------------------------------------------------------------------------------------
     def remember(self, items: Sequence[Mapping[str, Any]], *, batch: bool) -> Created:
         """Store ``items`` (a batch, or one memory when ``batch`` is False); Busy under memory pressure."""
-        with self.governor.embedding():
+        # Nothing to pace when the write does not embed (background mode).
+        pace = self.governor.pace if batch and not self.memory.background else None
+        with self._write_admission():
             # remember_many, not remember: it also takes created_at (remember() has no such argument).
             # The governor paces long batches (progress callback between write batches).
-            results: List["RememberResult"] = self.memory.remember_many(
-                list(items), progress=self.governor.pace if batch else None)
+            results: List["RememberResult"] = self.memory.remember_many(list(items), progress=pace)
         out = [r.to_dict() for r in results]
         return Created({"items": out} if batch else out[0], any(r.created for r in results))
 
@@ -88,8 +92,13 @@ class Service:
         """Change fields of a memory; a new text is embedded, so it is admitted by the governor."""
         if "text" not in changes:
             return self.memory.update(memory_id, **changes)
-        with self.governor.embedding():
+        with self._write_admission():
             return self.memory.update(memory_id, **changes)
+
+    def _write_admission(self) -> ContextManager[Any]:
+        """The governor's admission for a write that embeds now. A background-mode write never touches
+        the model, so memory pressure does not refuse it (the worker embeds when memory allows)."""
+        return contextlib.nullcontext() if self.memory.background else self.governor.embedding()
 
     def import_jsonl(self, lines: Iterable[str]) -> "ImportResult":
         """Import JSONL lines (as export writes them); admitted by the governor (it embeds)."""

@@ -303,3 +303,42 @@ def test_cli_shows_pending_backlog_and_drains_it(monkeypatch) -> None:
     assert state["pending"] == 0
     hits = json.loads(runner.invoke(main, ["--json", "recall", "note CLI worker", "-m", "vector"]).output)["hits"]
     assert len(hits) == 1
+
+
+def test_http_answers_pending_and_readyz_metrics_stats_show_the_backlog(tmp_path) -> None:
+    from webfixtures import make_env
+
+    env = make_env(tmp_path, embed_mode="background")
+    try:
+        resp = env.client.post("/v1/memories", json={"text": "the router admin password is on the fridge"})
+        assert resp.status_code == 201 and resp.get_json()["embedding"] == "pending"
+        batch = env.client.post("/v1/memories", json={"items": [{"text": "one more"}, {"text": "and another"}]})
+        assert [i["embedding"] for i in batch.get_json()["items"]] == ["pending", "pending"]
+        hits = env.client.post("/v1/recall", json={"query": "router password", "mode": "keyword"}).get_json()
+        assert [h["id"] for h in hits["hits"]] == [resp.get_json()["id"]]
+        ready = env.client.get("/readyz").get_json()
+        assert ready["ready"] and ready["backlog"]["pending"] == 3 and ready["backlog"]["mode"] == "background"
+        assert "memento_embed_backlog 3" in env.client.get("/metrics").get_data(as_text=True)
+        assert env.client.get("/v1/stats").get_json()["backlog"]["pending"] == 3
+        env.memory.embed_pending()
+        assert env.client.get("/readyz").get_json()["backlog"]["pending"] == 0
+        metrics = env.client.get("/metrics").get_data(as_text=True)
+        assert "memento_embed_backlog 0" in metrics and "memento_embed_backlog_drain_per_minute 3" in metrics
+    finally:
+        env.close()
+
+
+def test_background_writes_are_not_shed_under_memory_pressure(tmp_path) -> None:
+    from webfixtures import make_env
+
+    from memento_edge.governor import Governor
+    from memento_edge.web.state import EXT
+
+    for mode, status in (("inline", 503), ("background", 201)):
+        env = make_env(tmp_path, embed_mode=mode)
+        try:  # RSS twice the limit: the governor is in its hard state
+            env.app.extensions[EXT].governor = Governor(100, lambda: None, rss_reader=lambda: 200 << 20)
+            resp = env.client.post("/v1/memories", json={"text": "written while memory is short"})
+            assert resp.status_code == status, (mode, resp.get_json())
+        finally:
+            env.close()

@@ -252,11 +252,30 @@ def test_stats_and_recent_are_shown(page: Any, server: Dict[str, Any]) -> None:
     shown = dict(zip(page.locator("#stats dt").all_text_contents(),
                      page.locator("#stats dd").all_text_contents()))
     assert shown.get("Memories") == str(server["memory"].count()), shown
+    assert shown.get("Embedding backlog") == "none (inline mode)", shown
     page.click("#recent-btn")
     page.wait_for_selector("#recent li")
     # Fewer than 20 memories exist, so the first page holds every seeded one.
     recent = page.locator("#recent .hit-text").all_text_contents()
     assert {text for text, _, _ in SEED} <= set(recent), recent
+
+
+def test_a_pending_memory_is_announced_and_counted(page: Any, server: Dict[str, Any]) -> None:
+    mem = server["memory"]
+    mem.background = True  # this server writes as a Pi Zero does (embed_mode background), no worker
+    try:
+        _use_token(page)
+        msg = _add(page, "the spare key hangs behind the garden shed door")
+        assert "Embedding pending" in msg, msg
+        assert _search(page, "spare key shed", mode="keyword")[0].startswith("the spare key"), msg
+        page.click("#stats-btn")
+        page.wait_for_selector("#stats dt")
+        shown = dict(zip(page.locator("#stats dt").all_text_contents(),
+                         page.locator("#stats dd").all_text_contents()))
+        assert shown.get("Embedding backlog", "").startswith("1 pending"), shown
+    finally:
+        mem.background = False
+        mem.embed_pending()
 
 
 def test_delete_from_the_page_removes_the_memory(page: Any, server: Dict[str, Any]) -> None:

@@ -285,6 +285,9 @@
       if (res.created === false) {
         msg = "Already known as #" + (res.duplicate_of || res.id) + ".";
       }
+      if (res.embedding === "pending") {
+        msg += " Embedding pending: keyword search finds it now, meaning search once it is embedded.";
+      }
       say(status, msg, false);
       $("add-text").value = "";
     }, function (err) {
@@ -346,6 +349,14 @@
     ["Model", function (s) {
       var state = s.model_state, backend = get(s, "embedder.backend");
       return state === undefined ? undefined : state + (backend ? " (" + backend + ")" : "");
+    }],
+    ["Embedding backlog", function (s) {
+      var b = s.backlog;
+      if (!b || typeof b.pending !== "number") { return undefined; }
+      if (!b.pending) { return "none (" + b.mode + " mode)"; }
+      var text = b.pending + " pending, " + b.drain_per_min + "/min lately";
+      if (typeof b.eta_s === "number") { text += ", about " + Math.ceil(b.eta_s / 60) + " min left"; }
+      return text + (b.failed ? " (" + b.failed + " failed)" : "");
     }],
     ["Embedding cache hits", function (s) {
       var rate = get(s, "embedder.cache.hit_rate");

@@ -133,10 +133,29 @@ def service_families(st: "AppState") -> List[Family]:
     fams.append(("memento_clock_corrected_total", "counter",
                  "Memories re-dated after the clock became trusted in the same boot.",
                  [({}, st.memory.clock_corrections)]))
+    try:
+        fams.extend(_backlog_families(st.memory.backlog_state()))
+    except Exception:
+        log.warning("metrics: cannot read the embedding backlog", exc_info=True)
     emb = st.embedder
     if emb is not None:
         fams.extend(_embedder_families(emb))
     return fams
+
+
+def _backlog_families(b: Dict[str, Any]) -> List[Family]:
+    """Background embedding: what is owed, how old, how fast it drains (see memento_edge/backlog.py)."""
+    return [
+        ("memento_embed_backlog", "gauge", "Memories stored but not yet embedded.", [({}, b["pending"])]),
+        ("memento_embed_backlog_failed", "gauge", "Backlog entries skipped after repeated failures.",
+         [({}, b["failed"])]),
+        ("memento_embed_backlog_oldest_seconds", "gauge", "Age of the oldest backlog entry (0 when empty).",
+         [({}, b["oldest_age_s"] or 0.0)]),
+        ("memento_embed_backlog_drain_per_minute", "gauge", "Backlog entries embedded per minute lately.",
+         [({}, b["drain_per_min"])]),
+        ("memento_background_embeds_total", "counter", "Vectors written by this process's backlog worker.",
+         [({}, b["worker"]["embedded"])]),
+    ]
 
 
 def _embedder_families(emb: Any) -> List[Family]:

@@ -90,6 +90,11 @@ def readiness(st: AppState) -> Dict[str, Any]:
     if db.get("error"):
         body["db"]["error"] = db["error"]
     _writes_and_vectors(body, st)
+    if db["db_readable"]:
+        try:
+            body["backlog"] = backlog_summary(st.memory.backlog_state())
+        except MementoError as exc:
+            body["backlog"] = {"error": exc.message}
     return body
 
 
@@ -118,6 +123,12 @@ def vector_state(st: AppState) -> Dict[str, Any]:
     can_load = sqlite_can_load_extensions()
     return {"backend": backend, "sqlite_extensions": can_load,
             "note": EXTENSIONS_NOTE if backend != "sqlite-vec" and not can_load else None}
+
+
+def backlog_summary(b: Dict[str, Any]) -> Dict[str, Any]:
+    """The embedding backlog as /readyz shows it (a backlog never makes the service unready)."""
+    return {"mode": b["mode"], "pending": b["pending"], "failed": b["failed"], "oldest_age_s": b["oldest_age_s"],
+            "drain_per_min": b["drain_per_min"], "eta_s": b["eta_s"], "worker": b["worker"]["state"]}
 
 
 def model_state(emb: Any) -> Dict[str, Any]:
