@@ -16,9 +16,9 @@ Nothing here knows about HTTP: results are engine dataclasses and plain dicts.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import contextlib
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Mapping, Sequence
@@ -96,14 +96,16 @@ class Service:
             return self.memory.update(memory_id, **changes)
 
     def _write_admission(self) -> ContextManager[Any]:
-        """The governor's admission for a write that embeds now. A background-mode write never touches
-        the model, so memory pressure does not refuse it (the worker embeds when memory allows)."""
-        return contextlib.nullcontext() if self.memory.background else self.governor.embedding()
+        """The governor's admission for a write (every face). A background-mode write never touches the
+        model, so memory pressure does not refuse it (the worker embeds when memory allows)."""
+        if self.memory.background:
+            return contextlib.nullcontext()
+        return self.governor.embedding()
 
     def import_jsonl(self, lines: Iterable[str]) -> "ImportResult":
-        """Import JSONL lines (as export writes them); admitted by the governor (it embeds)."""
-        with self.governor.embedding():
-            return self.memory.import_jsonl(lines, progress=self.governor.pace)
+        """Import JSONL lines (as export writes them); admitted by the governor when it embeds."""
+        with self._write_admission():
+            return self.memory.import_jsonl(lines, progress=None if self.memory.background else self.governor.pace)
 
     # --- recall ------------------------------------------------------------------------------------
     def recall(self, **kwargs: Any) -> "RecallResult":

@@ -228,6 +228,20 @@ def test_memory_pressure_sheds_store_and_answers_search_by_keyword(env: WebEnv) 
     assert found["mode"] == "keyword" and "memory pressure" in found["note"] and found["hits"]
 
 
+def test_background_store_answers_pending_and_is_not_shed_under_memory_pressure(tmp_path: Any) -> None:
+    env = make_env(tmp_path, tokens=ALL_TOKENS, rate_limit_per_minute=0, embed_mode="background")
+    try:
+        env.app.extensions["memento"].governor = Governor(100, lambda: env.embedder, rss_reader=lambda: 99 * MB)
+        stored = call(env, "memory_store", {"text": "the spare fuse is in the blue box"})
+        assert not stored["isError"] and stored["structuredContent"]["embedding"] == "pending"
+        assert "Embedding pending" in stored["content"][0]["text"]
+        jsonschema.validate(stored["structuredContent"], TOOLS["memory_store"].output_schema)
+        found = call(env, "memory_search", {"query": "spare fuse", "mode": "keyword"})["structuredContent"]
+        assert [h["id"] for h in found["hits"]] == [stored["structuredContent"]["id"]]
+    finally:
+        env.close()
+
+
 # --- auth, origin, limits --------------------------------------------------------------------------
 @pytest.mark.parametrize("who, headers", [(None, {}), (None, {"Authorization": "Bearer mem_wrong"})])
 def test_missing_or_wrong_token_is_401_with_www_authenticate(env: WebEnv, who: Any, headers: Any) -> None:

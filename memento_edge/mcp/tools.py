@@ -208,9 +208,11 @@ def _store(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]
         created = ctx.service.remember_once([args], batch=False, key=key, request=args, owner=ctx.principal,
                                             key_field="idempotency_key")
     payload = created.payload
+    pending = (" Embedding pending: a keyword search finds it now, a search by meaning once it is embedded."
+               if payload.get("embedding") == "pending" else "")
     if payload["created"]:
-        return payload, f"Stored as memory #{payload['id']}."
-    return payload, f"Already stored as memory #{payload['id']} (nothing new was created)."
+        return payload, f"Stored as memory #{payload['id']}.{pending}"
+    return payload, f"Already stored as memory #{payload['id']} (nothing new was created).{pending}"
 
 
 def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
