@@ -1,58 +1,117 @@
-"""What MCP adds to a search, in-process: REST ``POST /v1/recall`` vs MCP ``tools/call memory_search`` on the
-same app (Flask test client: no sockets, no Waitress queueing), alternated request by request so both see the
-same machine load, on a store seeded by ``bench.http_bench --workdir``.
+"""What MCP adds to a search: REST ``POST /v1/recall`` vs MCP ``tools/call memory_search`` (same arguments),
+alternated request by request so both see the same machine load, on a store seeded by
+``bench.http_bench --workdir``. Reports each side's p50 and the median of the per-pair differences (MCP
+minus REST) for each repetition, and the median over the repetitions.
 
-    python -m bench.mcp_overhead --workdir /tmp/work10k --pairs 400
+    python -m bench.mcp_overhead --workdir /tmp/work10k --pairs 400                 # in-process (test client)
+    python -m bench.mcp_overhead --workdir /tmp/work10k --pairs 400 --http --repeat 3  # through Waitress
 
-Reports each side's p50 and the median of the per-pair differences (MCP minus REST); each pair uses two
-different queries from one pool, so neither side gets the other's embedding-cache hit.
+``--http`` starts the real service (``web.serve`` on Waitress, as ``bench.http_bench`` does) and sends both
+faces over one keep-alive loopback connection. By default each pair uses two different queries from one
+pool, so neither side gets the other's embedding-cache hit and both embed; ``--cached`` embeds the pool
+first and sends the *same* query to both sides, so neither embeds and the difference left is the protocol's
+own cost (parsing, checking, shaping) with far less noise from the model.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .http_bench import MCP_HEADERS, TOKEN, default_model_dir, make_queries, mcp_search
+from .http_bench import (TOKEN, _Client, _mcp_failed, _Server, default_model_dir, make_queries,
+                         mcp_search)
+
+# send(face, query, i) -> None; raises on a failed answer.
+Send = Callable[[str, str, int], None]
+_REST_BODY = {"topk": 5, "mode": "hybrid"}
 
 
-def run(workdir: Path, pairs: int = 400, model_dir: Path = None) -> Dict[str, Any]:  # type: ignore[assignment]
-    """Alternate REST and MCP searches ``pairs`` times; latency summary in ms."""
-    import hashlib
-
+@contextmanager
+def _in_process(workdir: Path, model_dir: Path) -> Iterator[Send]:
+    """Both faces through the Flask test client (no sockets, no Waitress queueing)."""
     from memento_edge.config import Settings
     from memento_edge.memory import Memory
     from memento_edge.web import create_app
 
     tokens = [{"name": "bench", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "scopes": ["read"]}]
-    settings = Settings.load(env={}, home=str(workdir), model_dir=str(model_dir or default_model_dir()),
-                             tokens=tokens, rate_limit_per_minute=0)
-    queries = make_queries(2 * pairs + 20, seed=21)
+    settings = Settings.load(env={}, home=str(workdir), model_dir=str(model_dir), tokens=tokens,
+                             rate_limit_per_minute=0)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with Memory(settings) as memory:
         client = create_app(settings, memory).test_client()
-        for q in queries[:20]:  # load the model, settle caches and allocator
-            client.post("/v1/recall", json={"query": q, "topk": 5}, headers=auth)
-        rest: List[float] = []
-        mcp: List[float] = []
-        for i in range(pairs):
-            a, b = queries[20 + 2 * i], queries[21 + 2 * i]
-            first, second = ((rest, a), (mcp, b)) if i % 2 else ((mcp, a), (rest, b))
-            for side, query in (first, second):
-                t0 = time.perf_counter()
-                if side is rest:
-                    resp = client.post("/v1/recall", json={"query": query, "topk": 5, "mode": "hybrid"}, headers=auth)
-                else:
-                    _, path, body, _headers = mcp_search(query, i)
-                    resp = client.post(path, json=body, headers={**auth, **MCP_HEADERS})
-                side.append((time.perf_counter() - t0) * 1000)
-                assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
+
+        def send(face: str, query: str, i: int) -> None:
+            if face == "rest":
+                resp = client.post("/v1/recall", json=dict(_REST_BODY, query=query), headers=auth)
+            else:
+                _, path, body, headers = mcp_search(query, i)
+                resp = client.post(path, json=body, headers={**auth, **headers})
+            assert resp.status_code == 200 and not _mcp_failed(resp.get_json()), resp.get_data(as_text=True)[:300]
+
+        yield send
+
+
+@contextmanager
+def _over_http(workdir: Path, model_dir: Path) -> Iterator[Send]:
+    """Both faces through the real service on Waitress, over one keep-alive loopback connection."""
+    server = _Server(workdir, model_dir)
+    server.start()
+    client = _Client(server.port)
+    try:
+        def send(face: str, query: str, i: int) -> None:
+            if face == "rest":
+                status, payload = client.call("POST", "/v1/recall", dict(_REST_BODY, query=query))
+            else:
+                _, path, body, headers = mcp_search(query, i)
+                status, payload = client.call("POST", path, body, headers)
+            assert status == 200 and not _mcp_failed(payload), f"HTTP {status}: {str(payload)[:300]}"
+
+        yield send
+    finally:
+        client.close()
+        server.stop()
+
+
+def _alternate(send: Send, queries: List[str], pairs: int, cached: bool) -> Dict[str, Any]:
+    """``pairs`` REST/MCP pairs, the order swapped every pair; p50s and the median per-pair difference."""
+    rest: List[float] = []
+    mcp: List[float] = []
+    for i in range(pairs):
+        a, b = (queries[i % len(queries)],) * 2 if cached else (queries[2 * i], queries[2 * i + 1])
+        order: Tuple[Tuple[str, str], ...] = (("rest", a), ("mcp", b)) if i % 2 else (("mcp", a), ("rest", b))
+        for face, query in order:
+            t0 = time.perf_counter()
+            send(face, query, i)
+            (rest if face == "rest" else mcp).append((time.perf_counter() - t0) * 1000)
     diffs = [m - r for m, r in zip(mcp, rest)]
-    return {"pairs": pairs, "rest_p50_ms": round(statistics.median(rest), 3),
-            "mcp_p50_ms": round(statistics.median(mcp), 3),
+    return {"rest_p50_ms": round(statistics.median(rest), 3), "mcp_p50_ms": round(statistics.median(mcp), 3),
             "median_pair_difference_ms": round(statistics.median(diffs), 3)}
+
+
+def run(workdir: Path, pairs: int = 400, model_dir: Optional[Path] = None, *, http: bool = False,
+        cached: bool = False, repeat: int = 1) -> Dict[str, Any]:
+    """Alternate REST and MCP searches ``pairs`` times, ``repeat`` times; latency summary in ms."""
+    model_dir = model_dir or default_model_dir()
+    pool = 100 if cached else 2 * pairs * repeat
+    queries = make_queries(pool + 20, seed=21)
+    warm, queries = queries[:20], queries[20:]
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    with (_over_http if http else _in_process)(workdir, model_dir) as send:
+        for i, q in enumerate(warm + (queries if cached else [])):  # load the model, settle caches (and
+            send("rest", q, i)                                     # with --cached embed the whole pool)
+        reps = []
+        for r in range(repeat):
+            chunk = queries if cached else queries[2 * pairs * r:2 * pairs * (r + 1)]
+            reps.append(_alternate(send, chunk, pairs, cached))
+    return {"transport": "http" if http else "in-process", "cached": cached, "pairs": pairs, "repetitions": reps,
+            "median_of_pair_differences_ms": round(statistics.median(
+                r["median_pair_difference_ms"] for r in reps), 3),
+            "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
@@ -60,9 +119,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, required=True, help="a store seeded by bench.http_bench --workdir")
     ap.add_argument("--pairs", type=int, default=400)
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions (each with its own queries)")
+    ap.add_argument("--http", action="store_true", help="through the real service on Waitress")
+    ap.add_argument("--cached", action="store_true",
+                    help="same query on both sides, embedded beforehand: the protocol's cost alone")
     ap.add_argument("--model-dir", type=Path, default=None)
     args = ap.parse_args()
-    print(run(args.workdir, args.pairs, args.model_dir))
+    print(run(args.workdir, args.pairs, args.model_dir, http=args.http, cached=args.cached, repeat=args.repeat))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol
 
 from .. import __version__
 from .tools import TOOLS, ToolContext, call_tool
@@ -41,6 +41,13 @@ _MODERN_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, H
 __all__ = ["Reply", "RpcError", "handle", "error_body", "SUPPORTED_VERSIONS", "MODERN_VERSIONS", "LEGACY_VERSIONS"]
 
 
+class HeaderLookup(Protocol):
+    """The request headers, looked up by lower-case name (a dict, or Werkzeug's case-insensitive headers)."""
+
+    def get(self, key: str) -> Optional[str]:
+        """The header's value, or None."""
+
+
 class RpcError(Exception):
     """A JSON-RPC error object to answer with (``status`` overrides the era's HTTP status)."""
 
@@ -57,7 +64,7 @@ class Reply:
     body: Optional[Dict[str, Any]]
 
 
-def is_modern(msg: Mapping[str, Any], headers: Optional[Mapping[str, str]]) -> bool:
+def is_modern(msg: Mapping[str, Any], headers: Optional[HeaderLookup]) -> bool:
     """Which generation a request speaks (see the module docstring)."""
     if msg.get("method") == "initialize":
         return False
@@ -69,7 +76,7 @@ def is_modern(msg: Mapping[str, Any], headers: Optional[Mapping[str, str]]) -> b
     return isinstance(meta, dict) and PV_KEY in meta
 
 
-def _check_modern(method: str, params: Dict[str, Any], headers: Optional[Mapping[str, str]]) -> None:
+def _check_modern(method: str, params: Dict[str, Any], headers: Optional[HeaderLookup]) -> None:
     """The 2026-07-28 request ladder: envelope keys, header/body agreement, a served version."""
     meta = params.get("_meta")
     if not isinstance(meta, dict) or PV_KEY not in meta or CAPS_KEY not in meta:
@@ -90,7 +97,7 @@ def _check_modern(method: str, params: Dict[str, Any], headers: Optional[Mapping
                        {"supported": list(SUPPORTED_VERSIONS), "requested": version})
 
 
-def _check_legacy(method: str, params: Dict[str, Any], headers: Optional[Mapping[str, str]]) -> None:
+def _check_legacy(method: str, params: Dict[str, Any], headers: Optional[HeaderLookup]) -> None:
     header = headers.get("mcp-protocol-version") if headers is not None else None
     if method != "initialize" and header is not None and header not in LEGACY_VERSIONS:
         raise RpcError(INVALID_REQUEST, f"unsupported MCP-Protocol-Version {header!r}; supported: "
@@ -151,7 +158,7 @@ def _envelope(msg: Any) -> Dict[str, Any]:
     return msg
 
 
-def handle(msg: Any, headers: Optional[Mapping[str, str]], ctx: Callable[[], ToolContext]) -> Reply:
+def handle(msg: Any, headers: Optional[HeaderLookup], ctx: Callable[[], ToolContext]) -> Reply:
     """Answer one decoded JSON-RPC message. ``headers`` (lower-case names) is None off HTTP."""
     msg_id: Any = msg.get("id") if isinstance(msg, dict) else None
     if isinstance(msg_id, bool) or not isinstance(msg_id, (str, int)):

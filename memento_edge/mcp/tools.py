@@ -124,8 +124,12 @@ def _memory_id(args: Dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------------------------
 # capping
 # ------------------------------------------------------------------------------------------------
+# One encoder for every size check: json.dumps with options builds a new encoder on each call.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _size(obj: Any) -> int:
-    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+    return len(_COMPACT.encode(obj))
 
 
 def _clip(entry: Dict[str, Any], room: int) -> Optional[Dict[str, Any]]:
@@ -142,6 +146,9 @@ def _clip(entry: Dict[str, Any], room: int) -> Optional[Dict[str, Any]]:
 def cap_entries(payload: Dict[str, Any], key: str, max_chars: int) -> Dict[str, Any]:
     """``payload`` with ``payload[key]`` (a list of memories) cut to fit ``max_chars`` as JSON."""
     entries = payload[key]
+    whole = dict(payload, truncated=False, omitted=0)
+    if _size(whole) <= max_chars:  # the usual case: one encode, no entry-by-entry accounting
+        return whole
     out = dict(payload, **{key: []}, truncated=False, omitted=0)
     budget = max_chars - _size(out) - 16
     for n, entry in enumerate(entries):

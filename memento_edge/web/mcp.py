@@ -51,8 +51,8 @@ def mcp_endpoint() -> Response:
     except (ValueError, RecursionError):
         return _json_reply(Reply(400, error_body(PARSE_ERROR, "Parse error: the body is not valid JSON")))
     principal = g.principal
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    reply = handle(msg, headers, lambda: ToolContext(service=st.service, principal=principal.name,
+    # Werkzeug's headers already answer lower-case names (case-insensitive): no per-request copy.
+    reply = handle(msg, request.headers, lambda: ToolContext(service=st.service, principal=principal.name,
                                                       allows=principal.allows))
     return _json_reply(reply)
 
