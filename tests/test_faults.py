@@ -345,6 +345,26 @@ def test_starts_read_only_on_a_sick_disk_and_says_so(small_disk: Path, sickness:
     assert res.exit_code == 1 and "read-only" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("sickness, status", [("full", 507), ("read-only", 503)])
+def test_web_backup_on_a_sick_disk_is_a_json_error(small_disk: Path, sickness: str, status: int) -> None:
+    """The backups directory does not exist yet: creating it on a read-only disk answered 500."""
+    home = small_disk / "home"
+    _seed(home)
+    if sickness == "full":
+        _fill_disk(small_disk)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    env = WebEnv(home)
+    try:
+        r = env.client.post("/v1/backup", json={})
+        assert r.status_code == status, r.get_data(as_text=True)
+        error = r.get_json()["error"]
+        assert "cannot write the backup" in error["message"] and str(home / "backups") in error["message"]
+        assert not (home / "backups").exists() or not list((home / "backups").iterdir())
+    finally:
+        env.close()
+
+
 # --- 7. restore while the database is open ----------------------------------------------------------
 def test_restore_refuses_while_a_service_holds_the_database(tmp_path: Path) -> None:
     home = tmp_path / "h"

@@ -293,8 +293,8 @@ def backup() -> Response:
     """Online backup into ``<home>/backups/`` (the path is chosen by the server, never the client)."""
     st = state()
     check_fields(json_body(required=False), {})
+    # The store creates the directory inside its error translation (a read-only disk is a 503, not a 500).
     dest_dir = st.settings.home_path / "backups"
-    dest_dir.mkdir(parents=True, exist_ok=True)
     # No RTC on the board: the clock may be wrong, so a random suffix keeps names unique anyway.
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(st.memory.backup(dest_dir / f"memento-{stamp}-{secrets.token_hex(3)}.db"))
