@@ -98,6 +98,24 @@ def test_role_variables_are_prefixed() -> None:
     assert [n for n in names if not n.startswith("memento_edge_")] == []
 
 
+def test_role_service_defaults_agree_with_the_settings_table() -> None:
+    """The role's service defaults are valid settings, and the per-client cap is below the connection limit
+    (the role's limit, 16, was below the settings default cap, 20: one address could hold every socket)."""
+    import yaml
+
+    from memento_edge.config import SETTINGS, Settings
+
+    defaults = yaml.safe_load((ANSIBLE_DIR / "roles/memento_edge/defaults/main.yml").read_text())
+    tasks = (ANSIBLE_DIR / "roles/memento_edge/tasks/config.yml").read_text()
+    role = {s.name: defaults[f"memento_edge_{s.name}"] for s in SETTINGS
+            if f"memento_edge_{s.name}" in defaults and s.name != "tokens"}  # tokens: only digests are written
+    assert {"connection_limit", "connections_per_client", "threads", "rss_limit_mb"} <= set(role)
+    for name in role:  # each one is written to config.yaml
+        assert re.search(rf"'{name}': memento_edge_{name}\b", tasks), name
+    settings = Settings.load(env={"MEMENTO_CONFIG": ""}).replace(**role)
+    assert settings.connections_per_client < settings.connection_limit
+
+
 # --- slow: converge into an emulated arm64 root filesystem -----------------------------------------------------
 def _run_playbook(rootfs: Path, wheel: Path, log: Path) -> str:
     inventory = rootfs.parent / "inventory.yml"
