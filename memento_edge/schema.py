@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .errors import InvalidInput
 
 # --- limits (each enforced by the engine or the web layer; each stated in the OpenAPI document) ---
 INT64_MAX = 2 ** 63 - 1            # SQLite integers (ids, cursors, JSON integers we accept)
@@ -174,3 +176,67 @@ def iso_seconds(text: str) -> float:
         return dt.timestamp()
     except OverflowError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _invalid(message: str, field: Optional[str]) -> Exception:
+    return InvalidInput(message, field=field)
+
+
+def check_wire_values(obj: Any, *, malformed: Callable[[str, Optional[str]], Exception] = _invalid,
+                      in_filters: bool = False) -> None:
+    """Refuse values that are valid JSON but would break below: NUL bytes, lone surrogates, huge ints, and a
+    ``created_at`` outside 1970..9999 (the engine would store it and then fail to format it). Every face
+    (REST bodies, MCP tool arguments) calls this on what it decoded.
+
+    NUL characters are refused in strings that become SQLite text columns or FTS5 input (many SQLite
+    string functions stop at a NUL). A memory's own ``metadata`` subtree is skipped: it is stored as
+    escaped JSON text, so NULs and big numbers there are harmless (the engine checks its size and
+    encoding); a ``metadata`` *filter* (below ``filters``, or everything when ``in_filters``) is checked.
+    Malformed values raise ``malformed(message, field)`` (REST: a 400); the created_at range raises
+    InvalidInput. Iterative (not recursive) so a deeply nested value cannot exhaust the stack here.
+    """
+    stack: List[Tuple[Any, str, bool]] = [(obj, "", in_filters)]  # (value, path, inside filters)
+    while stack:
+        value, path, filtering = stack.pop()
+        if isinstance(value, str):
+            _check_string(value, path, malformed)
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            if not -INT64_MAX - 1 <= value <= INT64_MAX:
+                raise malformed("integer out of the 64-bit range", path or None)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if "\x00" in k:
+                    raise malformed("object keys must not contain NUL characters", path or None)
+                child = f"{path}.{k}" if path else k
+                if k == "metadata" and not filtering:
+                    continue  # stored as JSON text (see above)
+                if k == "created_at":
+                    _check_created_at(v, child)
+                stack.append((v, child, filtering or k == "filters"))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                stack.append((v, f"{path}[{i}]", filtering))
+
+
+def _check_string(value: str, path: str, malformed: Callable[[str, Optional[str]], Exception]) -> None:
+    if "\x00" in value:
+        raise malformed("strings must not contain NUL characters", path or None)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise malformed("strings must be valid Unicode (lone surrogate escape)", path or None) from None
+
+
+def _check_created_at(value: Any, field: str) -> None:
+    ts: Optional[float] = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ts = float(value)
+    elif isinstance(value, str):
+        try:
+            ts = iso_seconds(value)
+        except ValueError:
+            return  # not ISO-8601 at all: the engine says so with its own message
+    if ts is not None and not MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
+        raise InvalidInput("created_at must be between 1970 and the year 9999", field=field)

@@ -55,7 +55,8 @@ def legacy(env: WebEnv, method: str, params: Optional[Dict[str, Any]] = None, ve
     body = {"jsonrpc": "2.0", "id": 7, "method": method}
     if params is not None:
         body["params"] = params
-    return post(env, body, headers={"MCP-Protocol-Version": version}, **kw)
+    headers = {"MCP-Protocol-Version": version, **kw.pop("headers", {})}
+    return post(env, body, headers=headers, **kw)
 
 
 def call(env: WebEnv, name: str, args: Dict[str, Any], **kw: Any) -> Dict[str, Any]:
@@ -405,3 +406,194 @@ def test_fuzzed_messages_never_fail_internally(env: WebEnv, body: Any, version: 
     assert status in (200, 202, 400, 404), (status, answer)
     if answer is not None:
         assert answer["jsonrpc"] == "2.0" and answer.get("error", {}).get("code") != -32603, answer
+
+
+# --- abuse: whatever a client sends, a JSON answer with the right status, never a 500 or a traceback ------
+def _no_traceback(resp: Any) -> None:
+    text = resp.get_data(as_text=True)
+    assert resp.status_code < 500 and "Traceback" not in text and 'File "' not in text, text[:300]
+
+
+def test_oversized_body_is_413_before_it_is_parsed(tmp_path: Any) -> None:
+    env = make_env(tmp_path, tokens=ALL_TOKENS, rate_limit_per_minute=0, max_body_bytes=4096)
+    try:
+        big = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "memory_store", "arguments": {"text": "x" * 5000}, "_meta": META}}
+        status, body, resp = post(env, big, headers={"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call",
+                                                     "Mcp-Name": "memory_store"})
+        assert status == 413 and body["error"]["code"] == "payload_too_large"
+        _no_traceback(resp)
+        assert env.memory.count() == 0
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
+def test_deeply_nested_json_is_a_parse_error(env: WebEnv, raw: bytes) -> None:
+    status, body, resp = post(env, None, raw=raw)
+    assert status == 400 and body["error"]["code"] == -32700
+    _no_traceback(resp)
+
+
+def test_deeply_nested_arguments_are_a_tool_error(env: WebEnv) -> None:
+    deep: Any = "leaf"
+    for _ in range(500):  # parses, but is deeper than any metadata or filter the engine takes
+        deep = {"k": deep}
+    for name, args in [("memory_store", {"text": "x", "metadata": deep}),
+                       ("memory_search", {"query": "x", "metadata": deep})]:
+        result = call(env, name, args)
+        assert result["isError"] and result["structuredContent"]["error"]["code"] == "invalid_input", result
+    assert env.memory.count() == 0
+
+
+@pytest.mark.parametrize("raw", [b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "x": 1e999}',
+                                 b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "x": Infinity}',
+                                 b'\xff\xfe{"jsonrpc"', b"", b"   "])
+def test_numbers_out_of_range_and_undecodable_bodies_are_parse_errors(env: WebEnv, raw: bytes) -> None:
+    status, body, resp = post(env, None, raw=raw, headers={"MCP-Protocol-Version": MODERN})
+    assert status == 400 and body["error"]["code"] == -32700, body
+    _no_traceback(resp)
+
+
+@pytest.mark.parametrize("value", ["nul\x00byte", "lone \ud800 surrogate"])
+def test_strings_sqlite_cannot_hold_are_tool_errors(env: WebEnv, value: str) -> None:
+    for name, args, field in [("memory_store", {"text": value}, "text"),
+                              ("memory_store", {"text": "x", "tags": ["ok", value]}, "tags[1]"),
+                              ("memory_search", {"query": value}, "query"),
+                              ("memory_search", {"query": "x", "collection": value}, "collection"),
+                              ("memory_search", {"query": "x", "metadata": {"k": value}}, "metadata.k")]:
+        status, body, resp = modern(env, "tools/call", {"name": name, "arguments": args})
+        _no_traceback(resp)
+        error = body["result"]["structuredContent"].get("error")
+        assert status == 200 and body["result"]["isError"] and error["code"] == "invalid_input", (name, body)
+        assert error["field"] == field
+    assert env.memory.count() == 0
+
+
+def test_integers_beyond_64_bits_are_tool_errors_except_inside_stored_metadata(env: WebEnv) -> None:
+    for name, args, field in [("memory_search", {"query": "x", "metadata": {"n": 2 ** 70}}, "metadata.n"),
+                              ("memory_store", {"text": "x", "created_at": 2 ** 70}, "created_at"),
+                              ("memory_recent", {"limit": -(2 ** 70)}, "limit")]:
+        result = call(env, name, args)
+        assert result["isError"] and result["structuredContent"]["error"]["field"] == field, (name, result)
+    # A memory's own metadata is stored as JSON text: big numbers and NULs there are harmless (as REST).
+    stored = call(env, "memory_store", {"text": "x", "metadata": {"n": 2 ** 70, "s": "a\x00b"}})
+    assert not stored["isError"]
+    got = call(env, "memory_get", {"id": stored["structuredContent"]["id"]})["structuredContent"]
+    assert got["metadata"] == {"n": 2 ** 70, "s": "a\x00b"}
+
+
+def test_batch_arrays_are_refused_in_both_generations(env: WebEnv) -> None:
+    one = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}}
+    for headers in ({"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list"},
+                    {"MCP-Protocol-Version": "2025-06-18"}, {}):
+        status, body, _ = post(env, [one, dict(one, id=2)], headers=headers)
+        assert status == 400 and body["error"]["code"] == -32600 and body["id"] is None
+        assert "batch" in body["error"]["message"]
+    assert post(env, [], headers={})[0] == 400
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          "application/json; charset=latin-1", ""])
+def test_wrong_content_types_are_refused(env: WebEnv, content_type: str) -> None:
+    resp = env.client.post("/mcp", data=b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}',
+                           headers=dict(env.auth("rw"), **{"Content-Type": content_type,
+                                                           "MCP-Protocol-Version": "2025-06-18"}))
+    assert resp.status_code == 415, resp.get_data(as_text=True)
+    _no_traceback(resp)
+    ok = env.client.post("/mcp", data=b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}',
+                         headers=dict(env.auth("rw"), **{"Content-Type": "application/json; charset=utf-8",
+                                                         "MCP-Protocol-Version": "2025-06-18"}))
+    assert ok.status_code == 200 and ok.get_json()["result"] == {}
+
+
+def test_accept_without_json_is_406(env: WebEnv) -> None:
+    status, body, _ = legacy(env, "ping", headers={"Accept": "text/event-stream"})
+    assert status == 406 and body["error"]["code"] == -32600
+    assert legacy(env, "ping", headers={"Accept": "application/json, text/event-stream"})[0] == 200
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost.evil.example",
+                                    "http://127.0.0.1.nip.io:8077"])
+def test_foreign_origins_are_403_even_with_a_valid_token(env: WebEnv, origin: str) -> None:
+    status, body, resp = modern(env, "tools/call", {"name": "memory_store", "arguments": {"text": "planted"}},
+                                headers={"Origin": origin})
+    assert status == 403 and body["error"]["code"] == "cross_site"
+    _no_traceback(resp)
+    assert env.memory.count() == 0
+
+
+def test_protocol_version_header_missing_or_invalid(env: WebEnv) -> None:
+    # Modern body without the header: the header is required in 2026-07-28.
+    status, body, _ = post(env, {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}},
+                           headers={"Mcp-Method": "tools/list"})
+    assert status == 400 and body["error"]["code"] == -32020
+    # Handshake-era request without the header: the transport spec says assume 2025-03-26 - served.
+    status, body, _ = post(env, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert status == 200 and "tools" in body["result"]
+    for bad in ["garbage", "", "2026-07-28\x7f", "1999-01-01", "2025-06-18, 2026-07-28"]:
+        status, body, resp = post(env, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                                  headers={"MCP-Protocol-Version": bad})
+        assert status == 400 and body["error"]["code"] in (-32600, -32602, -32020, -32022), (bad, body)
+        _no_traceback(resp)
+
+
+def test_unknown_methods_and_tools_in_every_generation_are_json_rpc_errors(env: WebEnv) -> None:
+    for method in ["tools/unknown", "resources/read", "", "rpc.discover", "initialize/x", "a" * 5000]:
+        status, body, resp = legacy(env, method, {})
+        assert status == 200 and body["error"]["code"] == -32601, (method, body)
+        _no_traceback(resp)
+    for name in ["", "memory_forget", "x" * 10_000, "memory_store\x00"]:
+        status, body, resp = legacy(env, "tools/call", {"name": name, "arguments": {}})
+        assert status == 200 and body["error"]["code"] == -32602, (name, body)
+        assert len(json.dumps(body)) < 2000  # the unknown name is not echoed back at length
+        _no_traceback(resp)
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"query": "x", "topk": 10 ** 9}, "topk"), ({"query": "x", "topk": 2 ** 70}, "topk"),
+    ({"query": "x", "topk": -1}, "topk"), ({"query": "x", "topk": 1.5}, "topk"), ({"query": "x", "topk": True}, "topk"),
+    ({"query": "x", "max_chars": 10 ** 12}, "max_chars"), ({"query": "q" * 100_000}, "query"),
+    ({"query": "x", "min_score": 1e308}, "min_score"),
+    ({"query": "x", "tags_any": ["t"] * 10_000}, "filters.tags_any"),
+    ({"query": "x", "since": "9" * 400}, "filters.since")])
+def test_huge_values_are_tool_errors_naming_the_field(env: WebEnv, args: Dict[str, Any], field: str) -> None:
+    status, body, resp = modern(env, "tools/call", {"name": "memory_search", "arguments": args})
+    _no_traceback(resp)
+    result = body["result"]
+    assert status == 200 and result["isError"] and result["structuredContent"]["error"]["field"] == field, result
+
+
+def test_huge_ids_are_tool_errors(env: WebEnv) -> None:
+    for name in ("memory_get", "memory_delete"):
+        for value in (2 ** 63, 2 ** 70, 0, -5):
+            status, body, resp = modern(env, "tools/call", {"name": name, "arguments": {"id": value}})
+            _no_traceback(resp)
+            assert body["result"]["isError"], (name, value, body)
+            assert body["result"]["structuredContent"]["error"]["code"] in ("invalid_input", "not_found")
+
+
+def test_no_token_is_401_for_every_method_when_tokens_are_configured(env: WebEnv) -> None:
+    for method in ["tools/list", "tools/call", "server/discover"]:
+        params = {"name": "memory_store", "arguments": {"text": "x"}} if method == "tools/call" else {}
+        status, _, resp = modern(env, method, params, who=None)
+        assert status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer"), method
+    for raw in [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, [], "x", {}]:
+        status, _, resp = post(env, raw, who=None)
+        assert status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, resp = modern(env, "tools/list", who=None, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert status == 401 and env.memory.count() == 0
+
+
+def test_rate_limit_is_one_budget_shared_with_rest(tmp_path: Any) -> None:
+    env = make_env(tmp_path, tokens=ALL_TOKENS, rate_limit_per_minute=3)
+    try:
+        assert env.client.get("/v1/stats", headers=env.auth("rw")).status_code == 200
+        assert modern(env, "tools/list")[0] == 200
+        assert env.client.post("/v1/recall", json={"query": "x"}, headers=env.auth("rw")).status_code == 200
+        status, _, resp = modern(env, "tools/call", {"name": "memory_search", "arguments": {"query": "x"}})
+        assert status == 429 and int(resp.headers["Retry-After"]) >= 1
+        assert env.client.get("/v1/stats", headers=env.auth("rw")).status_code == 429
+        assert modern(env, "tools/list", who="reader")[0] == 200  # budgets are per token
+    finally:
+        env.close()

@@ -126,7 +126,7 @@ def _call(params: Dict[str, Any], ctx: Callable[[], ToolContext]) -> Dict[str, A
         raise RpcError(INVALID_PARAMS, "params.name must be the tool's name")
     tool = TOOLS.get(name)
     if tool is None:
-        raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}", {"known": list(TOOLS)})
+        raise RpcError(INVALID_PARAMS, f"Unknown tool: {name[:100]}", {"known": list(TOOLS)})
     arguments = params.get("arguments", {})
     if arguments is None:
         arguments = {}
@@ -144,7 +144,7 @@ def _dispatch(method: str, params: Dict[str, Any], modern: bool, ctx: Callable[[
         handlers.update({"initialize": _initialize, "ping": lambda p: {}})
     handler = handlers.get(method)
     if handler is None:
-        raise RpcError(METHOD_NOT_FOUND, f"Method not found: {method}")
+        raise RpcError(METHOD_NOT_FOUND, f"Method not found: {method[:100]}")  # never echoed at length
     return handler(params)
 
 

@@ -64,6 +64,7 @@ class Tool:
     input_schema: Schema
     output_schema: Schema
     run: Callable[[ToolContext, Dict[str, Any]], Tuple[Dict[str, Any], str]]
+    filters_flat: bool = False  # the arguments are filters (a metadata argument filters, is not stored)
 
     def listing(self) -> Dict[str, Any]:
         """The ``tools/list`` entry."""
@@ -224,11 +225,10 @@ def _store(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]
 
 def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     max_chars = _max_chars(args)
-    min_score = args.pop("min_score", None)
-    kwargs: Dict[str, Any] = {k: args.pop(k) for k in ("query", "topk", "mode") if k in args}
+    kwargs: Dict[str, Any] = {k: args.pop(k) for k in ("query", "topk", "mode", "min_score") if k in args}
     filters = {k: resolve_time(v, k) if k in ("since", "until") else v for k, v in args.items() if v is not None}
-    result = ctx.service.recall(**kwargs, filters=filters)
-    hits = [_hit(h) for h in result.hits if min_score is None or h.score >= min_score]
+    result = ctx.service.recall(**kwargs, filters=filters)  # the engine applies (and range-checks) min_score
+    hits = [_hit(h) for h in result.hits]
     payload = cap_entries({"query": result.query, "mode": result.mode, "note": result.note, "hits": hits},
                           "hits", max_chars)
     head = f"{_count(len(hits), 'memory')} for {json.dumps(result.query, ensure_ascii=False)} ({result.mode} search)"
@@ -321,9 +321,7 @@ def _list_schema(key: str, item: Schema, **extra: Schema) -> Schema:
 
 
 def _search_input() -> Schema:
-    min_score = {"type": "number", "description": "Drop hits scoring below this (hybrid scores are 0..1; "
-                                                  "vector scores are cosine similarities)."}
-    extra: Dict[str, Schema] = {"min_score": min_score, "max_chars": _MAX_CHARS}
+    extra: Dict[str, Schema] = {"max_chars": _MAX_CHARS}
     recall = {k: f for k, f in S.RECALL_FIELDS.items() if k != "filters"}  # the tools take filters flat
     return schemas.input_schema(dict(recall, **S.FILTER_FIELDS), required=("query",), extra=extra)
 
@@ -343,7 +341,8 @@ def _build_tools() -> Dict[str, Tool]:
              "collection, tags, source, session, importance and time (since/until take \"yesterday\", "
              "\"last week\", \"3 days ago\" or ISO-8601).", "read",
              _search_input(), _list_schema("hits", _HIT_SCHEMA, query={"type": "string"},
-                                           mode={"type": "string"}, note={"type": ["string", "null"]}), _search),
+                                           mode={"type": "string"}, note={"type": ["string", "null"]}), _search,
+             filters_flat=True),
         Tool("memory_get", "Get a memory", "Fetch one memory by id, with all its fields.", "read",
              {"type": "object", "properties": {"id": _ID, "max_chars": _MAX_CHARS}, "required": ["id"],
               "additionalProperties": False},
@@ -381,7 +380,9 @@ def call_tool(ctx: ToolContext, tool: Tool, arguments: Dict[str, Any]) -> Dict[s
         if not ctx.allows(tool.scope):
             raise ToolScopeError(f"token {ctx.principal!r} lacks the {tool.scope!r} scope {tool.name} needs",
                                  field="scope")
-        structured, text = tool.run(ctx, check_arguments(arguments, tool.input_schema))
+        args = check_arguments(arguments, tool.input_schema)
+        S.check_wire_values(args, in_filters=tool.filters_flat)  # NULs, lone surrogates, huge ints: as REST
+        structured, text = tool.run(ctx, args)
     except MementoError as exc:
         return tool_error(exc)
     return {"content": [{"type": "text", "text": text}], "structuredContent": structured, "isError": False}

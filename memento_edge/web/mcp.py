@@ -9,8 +9,6 @@ checked per call). GET and DELETE answer 405: no stream and no session to open o
 """
 from __future__ import annotations
 
-import json
-from typing import Any
 
 from flask import Flask, Response, current_app, g, jsonify, request
 
@@ -18,13 +16,11 @@ from ..mcp.protocol import Reply, handle
 from ..mcp.tools import ToolContext
 from ..mcp.wire import INVALID_REQUEST, PARSE_ERROR, error_body
 from .access import origins_from, requires
+from .errors import ApiError
+from .requests import loads, raw_body, require_media_type
 from .state import EXT
 
 PATH = "/mcp"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _json_reply(reply: Reply) -> Response:
@@ -40,15 +36,17 @@ def _json_reply(reply: Reply) -> Response:
 def mcp_endpoint() -> Response:
     """One JSON-RPC request or notification in, one JSON-RPC response (or 202) out."""
     st = current_app.extensions[EXT]
-    if request.mimetype != "application/json":
-        return _json_reply(Reply(415, error_body(INVALID_REQUEST, "Content-Type must be application/json")))
+    try:
+        require_media_type(("application/json",), "one JSON-RPC message")  # the REST rule: JSON, utf-8
+    except ApiError as exc:
+        return _json_reply(Reply(415, error_body(INVALID_REQUEST, exc.message)))
     accept = request.accept_mimetypes
     if request.headers.get("Accept") and not accept.accept_json:
         return _json_reply(Reply(406, error_body(INVALID_REQUEST, "this server answers with application/json; "
                                                                   "list it in Accept")))
     try:
-        msg = json.loads(request.get_data(cache=False), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+        msg = loads(raw_body())  # 413 above max_body_bytes, before parsing (also on Werkzeug 2.2)
+    except (ValueError, RecursionError):  # NaN, 1e999, undecodable, too deep: as REST
         return _json_reply(Reply(400, error_body(PARSE_ERROR, "Parse error: the body is not valid JSON")))
     principal = g.principal
     # Werkzeug's headers already answer lower-case names (case-insensitive): no per-request copy.

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import NotFound
-from ..schema import INT64_MAX, MAX_IDEMPOTENCY_KEY, MAX_TIMESTAMP, MIN_TIMESTAMP, iso_seconds
+from ..schema import INT64_MAX, MAX_IDEMPOTENCY_KEY, check_wire_values
 from .errors import ApiError, bad, unprocessable
 
 # No text/plain: a browser sends that cross-site without a preflight (see crosssite.py).
@@ -40,59 +40,9 @@ def loads(text: Any) -> Any:
 
 
 def check_json_values(obj: Any) -> None:
-    """Refuse values that are valid JSON but would break below: NUL bytes, lone surrogates, huge ints.
-
-    NUL characters are refused in strings that become SQLite text columns or FTS5 input (many SQLite
-    string functions stop at a NUL). A memory's own ``metadata`` subtree is skipped: it is stored as
-    escaped JSON text, so NULs and big numbers there are harmless (the engine checks its size and
-    encoding). Iterative (not recursive) so a deeply nested body cannot exhaust the stack here.
-    """
-    stack: List[Tuple[Any, str, bool]] = [(obj, "", False)]  # (value, path, inside filters)
-    while stack:
-        value, path, in_filters = stack.pop()
-        if isinstance(value, str):
-            _check_string(value, path)
-        elif isinstance(value, bool):
-            continue
-        elif isinstance(value, int):
-            if not -INT64_MAX - 1 <= value <= INT64_MAX:
-                raise bad("integer out of the 64-bit range", path or None)
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if "\x00" in k:
-                    raise bad("object keys must not contain NUL characters", path or None)
-                child = f"{path}.{k}" if path else k
-                if k == "metadata" and not in_filters:
-                    continue  # stored as JSON text (see above)
-                if k == "created_at":
-                    _check_created_at(v, child)
-                stack.append((v, child, in_filters or k == "filters"))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                stack.append((v, f"{path}[{i}]", in_filters))
-
-
-def _check_string(value: str, path: str) -> None:
-    if "\x00" in value:
-        raise bad("strings must not contain NUL characters", path or None)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad("strings must be valid Unicode (lone surrogate escape)", path or None) from None
-
-
-def _check_created_at(value: Any, field: str) -> None:
-    """422 for a created_at outside 1970..9999 (the engine would store it and then fail to format it)."""
-    ts: Optional[float] = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        ts = float(value)
-    elif isinstance(value, str):
-        try:
-            ts = iso_seconds(value)
-        except ValueError:
-            return  # not ISO-8601 at all: the engine says so with its own message
-    if ts is not None and not MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
-        raise unprocessable("created_at must be between 1970 and the year 9999", field)
+    """:func:`memento_edge.schema.check_wire_values` on a body: malformed values are a 400, a created_at out of
+    range a 422 (InvalidInput, translated by the error handlers)."""
+    check_wire_values(obj, malformed=bad)
 
 
 def require_media_type(allowed: Tuple[str, ...], what: str) -> None:
