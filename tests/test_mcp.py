@@ -164,6 +164,11 @@ def test_results_are_capped_by_max_chars_and_say_so(env: WebEnv) -> None:
     big = call(env, "memory_store", {"text": "long " * 2000})["structuredContent"]["id"]
     got = _validate_output("memory_get", call(env, "memory_get", {"id": big, "max_chars": 600}))
     assert got["truncated"] is True and got["text"].endswith("…") and len(got["text"]) < 600
+    updated = _validate_output("memory_update", call(env, "memory_update", {"id": big, "text": "new " * 20_000,
+                                                                          "max_chars": 600}))
+    assert updated["truncated"] is True and len(json.dumps(updated)) < 1000
+    short = _validate_output("memory_update", call(env, "memory_update", {"id": big, "text": "short again"}))
+    assert short["truncated"] is False and short["text"] == "short again"
 
 
 def test_idempotency_key_returns_the_first_answer_and_refuses_other_arguments(env: WebEnv) -> None:
@@ -597,3 +602,13 @@ def test_rate_limit_is_one_budget_shared_with_rest(tmp_path: Any) -> None:
         assert modern(env, "tools/list", who="reader")[0] == 200  # budgets are per token
     finally:
         env.close()
+
+
+def test_stats_text_names_the_largest_collections_only(env: WebEnv) -> None:
+    for i in range(25):
+        call(env, "memory_store", {"text": f"note {i}", "collection": f"c{i:02d}"})
+    call(env, "memory_store", {"text": "one more", "collection": "c24"})
+    result = call(env, "memory_stats", {})
+    text = result["content"][0]["text"]
+    assert text.index("c24 (2)") < text.index("c00 (1)") and "and 5 more" in text and "c19" not in text
+    assert len(result["structuredContent"]["collections"]) == 25

@@ -30,6 +30,7 @@ DEFAULT_MAX_CHARS = 8000  # ~2k tokens: room for a handful of memories without f
 MIN_MAX_CHARS = 500
 MAX_MAX_CHARS = 200_000
 DEFAULT_RECENT = 10
+_STATS_COLLECTIONS = 20  # collections named in memory_stats' text (largest first)
 _ELLIPSIS = "…"
 
 
@@ -239,12 +240,17 @@ def _search(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
     return payload, _render_entries(head + ":" if hits else head, payload["hits"], payload, max_chars)
 
 
+def _capped_record(rec: MemoryRecord, max_chars: int) -> Dict[str, Any]:
+    """One memory as a result, its text cut (``truncated``) when the whole would exceed ``max_chars``."""
+    record = _record(rec)
+    payload = cap_entries({"memory": [record]}, "memory", max_chars)
+    return dict(payload["memory"][0] if payload["memory"] else dict(record, text=""),
+                truncated=payload["truncated"])
+
+
 def _get(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     max_chars = _max_chars(args)
-    record = _record(ctx.memory.get(_memory_id(args)))
-    payload = cap_entries({"memory": [record]}, "memory", max_chars)
-    rec = payload["memory"][0] if payload["memory"] else dict(record, text="")
-    out = dict(rec, truncated=payload["truncated"])
+    out = rec = _capped_record(ctx.memory.get(_memory_id(args)), max_chars)
     meta = ", ".join(f"{k}: {json.dumps(rec[k], ensure_ascii=False)}" for k in
                      ("collection", "tags", "importance", "source", "session_id", "created_at")
                      if rec.get(k) not in (None, [], ""))
@@ -255,6 +261,7 @@ def _get(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
 
 
 def _update(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    max_chars = _max_chars(args)
     memory_id = _memory_id(args)
     if not args:
         raise InvalidInput("nothing to update: give at least one field besides id", field="id")
@@ -264,7 +271,7 @@ def _update(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str
                                field=name)
     if "metadata" in args and args["metadata"] is None:
         args["metadata"] = {}
-    record = _record(ctx.service.update(memory_id, **args))
+    record = _capped_record(ctx.service.update(memory_id, **args), max_chars)
     return record, f"Updated memory #{memory_id}: {', '.join(sorted(args))}."
 
 
@@ -290,7 +297,10 @@ def _stats(ctx: ToolContext, args: Dict[str, Any]) -> Tuple[Dict[str, Any], str]
     out = {k: info.get(k) for k in _STATS_SCHEMA["properties"]}
     clock = info.get("clock") or {}
     out["clock_trusted"] = bool(clock.get("trusted", True))
-    cols = ", ".join(f"{k} ({v})" for k, v in sorted((out["collections"] or {}).items()))
+    collections = sorted((out["collections"] or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    cols = ", ".join(f"{k} ({v})" for k, v in collections[:_STATS_COLLECTIONS])
+    if len(collections) > _STATS_COLLECTIONS:  # the text stays short however many collections there are
+        cols += f", and {len(collections) - _STATS_COLLECTIONS} more"
     text = (f"{_count(out['memories'] or 0, 'memory')} in {_count(len(out['collections'] or {}), 'collection')} "
             f"({cols}); database "
             f"{(out['db_bytes'] or 0) / 1e6:.1f} MB; model {out['model_state']}; vector index "
@@ -308,6 +318,8 @@ _RECORD_SCHEMA = schemas.output_schema(S.RECORD_FIELDS, drop=("content_hash",))
 _HIT_SCHEMA = schemas.output_schema(S.HIT_FIELDS, drop=("content_hash", "vector_rank", "keyword_rank"))
 _TRUNC = {"truncated": {"type": "boolean", "description": "True when entries were left out or cut."},
           "omitted": {"type": "integer", "description": "Entries left out to fit max_chars."}}
+_CAPPED_RECORD_SCHEMA = dict(_RECORD_SCHEMA, required=_RECORD_SCHEMA["required"] + ["truncated"],
+                             properties=dict(_RECORD_SCHEMA["properties"], truncated=_TRUNC["truncated"]))
 _STATS_SCHEMA: Schema = {"type": "object", "properties": {
     "memories": {"type": "integer"}, "collections": {"type": "object", "additionalProperties": {"type": "integer"}},
     "db_bytes": {"type": ["integer", "null"]}, "model_state": {"type": "string"},
@@ -346,12 +358,12 @@ def _build_tools() -> Dict[str, Tool]:
         Tool("memory_get", "Get a memory", "Fetch one memory by id, with all its fields.", "read",
              {"type": "object", "properties": {"id": _ID, "max_chars": _MAX_CHARS}, "required": ["id"],
               "additionalProperties": False},
-             dict(_RECORD_SCHEMA, properties=dict(_RECORD_SCHEMA["properties"], truncated=_TRUNC["truncated"]),
-                  required=_RECORD_SCHEMA["required"] + ["truncated"]), _get),
+             _CAPPED_RECORD_SCHEMA, _get),
         Tool("memory_update", "Update a memory",
              "Change fields of a memory by id; omitted fields are kept. A new text is re-embedded.", "write",
-             schemas.input_schema(S.MEMORY_FIELDS, required=("id",), extra={"id": _ID}, defaults=False),
-             _RECORD_SCHEMA, _update),
+             schemas.input_schema(S.MEMORY_FIELDS, required=("id",), extra={"id": _ID, "max_chars": _MAX_CHARS},
+                                  defaults=False),
+             _CAPPED_RECORD_SCHEMA, _update),
         Tool("memory_delete", "Delete a memory", "Delete one memory by id, for good.", "write",
              {"type": "object", "properties": {"id": _ID}, "required": ["id"], "additionalProperties": False},
              {"type": "object", "properties": {"id": {"type": "integer"}, "deleted": {"type": "boolean"}},
