@@ -75,6 +75,7 @@ class MemoryRecord:
     updated_at: str
     content_hash: str
     clock_trusted: bool
+    embedding: str  # "pending" while the background worker owes its vector (schema.EMBEDDING_STATES)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "MemoryRecord":
@@ -91,7 +92,7 @@ def _record_fields(row: Mapping[str, Any]) -> Dict[str, Any]:
         "source": row["source"], "session_id": row["session_id"], "importance": row["importance"],
         "metadata": _stored_metadata(row["metadata"]), "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]), "content_hash": row["content_hash"],
-        "clock_trusted": bool(row.get("clock_trusted", True)),
+        "clock_trusted": bool(row.get("clock_trusted", True)), "embedding": row.get("embedding", "done"),
     }
 
 
@@ -620,9 +621,7 @@ class Memory:
         n = 0
         for rows in self.store.iter_rows():
             for row in rows:
-                rec = MemoryRecord.from_row(row).to_dict()
-                rec.pop("content_hash")
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.write(_export_line(row))
                 n += 1
             if progress is not None:
                 progress(n, total)
@@ -636,9 +635,7 @@ class Memory:
         """The JSONL export as a generator of lines (for streaming HTTP responses)."""
         for rows in self.store.iter_rows():
             for row in rows:
-                rec = MemoryRecord.from_row(row).to_dict()
-                rec.pop("content_hash")
-                yield json.dumps(rec, ensure_ascii=False) + "\n"
+                yield _export_line(row)
 
     def import_jsonl(self, lines: Iterable[str], progress: Optional[Progress] = None,
                      max_errors: int = 20) -> ImportResult:
@@ -675,7 +672,7 @@ class Memory:
                 # A memory exported with an unverified time keeps that flag: importing it must not launder it.
                 untrusted = obj.get("clock_trusted") is False
                 obj = {k: v for k, v in obj.items()
-                       if k not in ("id", "updated_at", "content_hash", "clock_trusted")}
+                       if k not in ("id", "updated_at", "content_hash", "clock_trusted", "embedding")}
                 item = _validate_item(obj)
                 if untrusted:
                     item["clock_untrusted"] = True
@@ -835,6 +832,14 @@ class Memory:
         info["worker"] = (self._worker.describe() if self._worker is not None
                           else {"state": "not running in this process", "last_error": None, "embedded": 0})
         return info
+
+
+def _export_line(row: Mapping[str, Any]) -> str:
+    """One memory as an export line: its record without what the importing store recomputes (content
+    hash, embedding state: an import embeds, or queues, every memory anew)."""
+    rec = MemoryRecord.from_row(row).to_dict()
+    del rec["content_hash"], rec["embedding"]
+    return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
 def _json_line(line: str) -> Any:

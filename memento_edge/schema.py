@@ -46,6 +46,8 @@ DEFAULT_MODE = "hybrid"
 # What a filter does with memories stored while the board's clock was not trusted (clock.py): "include"
 # (default) matches them by the time they were stamped with; "exclude" leaves them out.
 UNTRUSTED_TIME = ("include", "exclude")
+# Whether a memory has its vector (embed_mode background: "pending" until the backlog worker embeds it).
+EMBEDDING_STATES = ("done", "pending")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,13 @@ def _table(*fields: Field) -> Dict[str, Field]:
 def _name(name: str, help: str = "", **kw: Any) -> Field:
     """A short identifying string: collection, source, session_id."""
     return Field(name, "str", help, min_length=1, max_length=MAX_NAME_CHARS, **kw)
+
+
+def _embedding() -> Field:
+    # One field, shown on records, hits and the answer to a write.
+    return Field("embedding", "str", "pending: stored and found by keyword search; the background worker "
+                                     "(embed_mode) has not embedded it yet, so search by meaning does not "
+                                     "find it. done: it has its vector.", enum=EMBEDDING_STATES)
 
 
 def _tags(name: str, help: str) -> Field:
@@ -112,6 +121,7 @@ RECORD_FIELDS = _table(
     Field("content_hash", "str"),
     Field("clock_trusted", "bool", "false while created_at was stamped by a clock not yet verified "
                                    "(no RTC, no NTP yet); corrected and set true once it is."),
+    _embedding(),
 )
 # A recall hit: a record plus how it ranked (Hit).
 HIT_FIELDS = dict(RECORD_FIELDS, **_table(
@@ -129,8 +139,7 @@ REMEMBER_FIELDS = _table(
     Field("id", "int", int64=True),
     Field("created", "bool", "false when the text was already stored (then id is the existing memory)."),
     Field("duplicate_of", "int", nullable=True, int64=True),
-    Field("embedding", "str", "pending: stored and keyword-searchable; the background worker has not "
-                              "embedded it yet (embed_mode). done: it has its vector.", enum=("done", "pending")),
+    _embedding(),
 )
 
 RECALL_FIELDS = _table(

@@ -906,7 +906,10 @@ class Store:
     # --- reads ----------------------------------------------------------------------------------
     _COLUMNS = ("m.id, m.text, m.collection, m.source, m.session_id, m.importance, m.metadata, "
                 "m.created_at, m.updated_at, m.content_hash, m.clock_trusted, "
-                "(SELECT json_group_array(tag) FROM memory_tags t WHERE t.memory_id = m.id) AS tags")
+                "(SELECT json_group_array(tag) FROM memory_tags t WHERE t.memory_id = m.id) AS tags, "
+                # Owed a vector by the background worker (one lookup in embed_backlog's unique index).
+                "CASE WHEN EXISTS (SELECT 1 FROM embed_backlog b WHERE b.memory_id = m.id) "
+                "THEN 'pending' ELSE 'done' END AS embedding")
 
     def _select(self, c: sqlite3.Connection, tail: str, params: Sequence[Any]) -> List[Dict[str, Any]]:
         """Memories ``SELECT``ed with ``_COLUMNS`` and the SQL ``tail`` (WHERE / ORDER BY / LIMIT)."""
@@ -921,6 +924,7 @@ class Store:
             "session_id": r["session_id"], "importance": r["importance"], "metadata": _load_metadata(r["metadata"]),
             "created_at": r["created_at"], "updated_at": r["updated_at"], "content_hash": r["content_hash"],
             "clock_trusted": bool(r["clock_trusted"]), "tags": sorted(json.loads(r["tags"])) if r["tags"] else [],
+            "embedding": r["embedding"],
         }
 
     def get_many(self, ids: Sequence[int], conn: Optional[sqlite3.Connection] = None) -> Dict[int, Dict[str, Any]]:

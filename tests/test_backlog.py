@@ -328,6 +328,39 @@ def test_http_answers_pending_and_readyz_metrics_stats_show_the_backlog(tmp_path
         env.close()
 
 
+def test_records_and_hits_carry_the_embedding_state_on_every_face(tmp_path) -> None:
+    from webfixtures import make_env
+
+    env = make_env(tmp_path, embed_mode="background")
+    try:
+        mid = env.client.post("/v1/memories", json={"text": "the ladder is in the garage"}).get_json()["id"]
+        assert env.client.get(f"/v1/memories/{mid}").get_json()["embedding"] == "pending"
+        assert env.client.get("/v1/memories").get_json()["items"][0]["embedding"] == "pending"
+        hit = env.client.post("/v1/recall", json={"query": "ladder garage", "mode": "keyword"}).get_json()["hits"][0]
+        assert hit["embedding"] == "pending"
+        env.memory.embed_pending()
+        assert env.client.get(f"/v1/memories/{mid}").get_json()["embedding"] == "done"
+        hit = env.client.post("/v1/recall", json={"query": "ladder garage", "mode": "hybrid"}).get_json()["hits"][0]
+        assert hit["embedding"] == "done" and hit["vector_rank"] == 1
+    finally:
+        env.close()
+
+
+def test_export_leaves_the_embedding_state_out_and_import_queues_anew(settings, tmp_path) -> None:
+    import io
+    import json
+
+    with _bg(settings) as mem:
+        mem.remember("the fuse box is behind the coats")
+        line = next(iter(mem.iter_export()))
+        assert "embedding" not in json.loads(line)
+    with _bg(settings.replace(db=str(tmp_path / "copy.db"))) as copy:
+        # An export line that does carry the state (hand-made, or from another tool) imports the same way.
+        result = copy.import_jsonl(io.StringIO(json.dumps(dict(json.loads(line), embedding="done")) + "\n"))
+        assert (result.imported, result.error_count) == (1, 0)
+        assert copy.recent().items[0].embedding == "pending" and copy.backlog_state()["pending"] == 1
+
+
 def test_background_writes_are_not_shed_under_memory_pressure(tmp_path) -> None:
     from webfixtures import make_env
 

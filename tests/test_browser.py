@@ -268,6 +268,7 @@ def test_a_pending_memory_is_announced_and_counted(page: Any, server: Dict[str, 
         msg = _add(page, "the spare key hangs behind the garden shed door")
         assert "Embedding pending" in msg, msg
         assert _search(page, "spare key shed", mode="keyword")[0].startswith("the spare key"), msg
+        assert page.locator("#results .hit .pending").all_text_contents() == ["embedding pending"]
         page.click("#stats-btn")
         page.wait_for_selector("#stats dt")
         shown = dict(zip(page.locator("#stats dt").all_text_contents(),

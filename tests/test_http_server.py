@@ -48,6 +48,16 @@ embedder = None
 if sys.argv[1] == "fake":
     from memento_edge.embedder import FakeEmbedder
     embedder = FakeEmbedder(settings)
+elif sys.argv[1] == "slow-fake":  # 50 ms a text: a backlog that takes a while to drain
+    import time
+    from memento_edge.embedder import FakeEmbedder
+
+    class SlowFake(FakeEmbedder):
+        def embed_batch(self, texts):
+            time.sleep(0.05 * len(texts))
+            return super().embed_batch(texts)
+
+    embedder = SlowFake(settings)
 memory = Memory(settings, embedder=embedder)
 try:
     serve(settings, memory=memory)
@@ -107,9 +117,10 @@ class Client:
 class Server:
     """A memento-edge server subprocess on 127.0.0.1 with its own MEMENTO_HOME."""
 
-    def __init__(self, home: Path, embedder: str) -> None:
+    def __init__(self, home: Path, embedder: str, **settings: str) -> None:
         self.home = home
         self.embedder = embedder
+        self.settings = settings  # extra MEMENTO_* settings, by lower-case name
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self.log_path = home / f"server-{int(time.time() * 1000)}.log"
@@ -133,6 +144,7 @@ class Server:
         md = _model_dir()
         if md is not None:
             env["MEMENTO_MODEL_DIR"] = str(md)
+        env.update({f"MEMENTO_{k.upper()}": v for k, v in self.settings.items()})
         return env
 
     def start(self) -> "Server":
@@ -374,6 +386,55 @@ def test_sigkill_during_write_burst_keeps_every_acknowledged_memory(home: Path, 
         assert status == 200 and body["hits"], body
         status, body = client.request("POST", "/v1/memories", {"text": "written after recovery"})
         assert status == 201, body
+        client.close()
+    finally:
+        server.stop()
+    assert _integrity(home / "memento.db") == "ok"
+
+
+def _backlog(client: Client) -> Dict[str, Any]:
+    status, body = client.request("GET", "/readyz")
+    assert status == 200, body
+    return dict(body["backlog"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_backlog_then_the_restarted_service_drains_it(home: Path) -> None:
+    """embed_mode background: writes are acknowledged pending, the service is SIGKILLed while its worker
+    is part-way through the backlog, and the restarted service (web.serve starts the worker) embeds the
+    rest by itself: nothing acknowledged is lost, every memory ends with its vector."""
+    server = Server(home, "slow-fake", embed_mode="background").start()
+    acked: Dict[int, str] = {}
+    try:
+        client = Client(server.port)
+        for i in range(60):
+            text = f"backlog note {i}: the {i}th jar of jam is on shelf {i % 7}"
+            status, body = client.request("POST", "/v1/memories", {"text": text})
+            assert status == 201 and body["embedding"] == "pending", body
+            acked[body["id"]] = text
+        deadline = time.monotonic() + 60
+        while _backlog(client)["pending"] > 45 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pending = _backlog(client)["pending"]
+        server.kill()
+        client.close()
+    finally:
+        server.stop()
+    assert 0 < pending <= 45, f"the worker was not part-way through the backlog ({pending} pending)"
+
+    server = Server(home, "slow-fake", embed_mode="background").start()
+    try:
+        client = Client(server.port)
+        deadline = time.monotonic() + 60
+        while _backlog(client)["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _backlog(client)["pending"] == 0, server.log_text()
+        for mid, text in acked.items():
+            status, body = client.request("GET", f"/v1/memories/{mid}")
+            assert status == 200 and body["text"] == text and body["embedding"] == "done", (mid, body)
+        status, body = client.request("POST", "/v1/recall", {"query": "jar of jam shelf", "mode": "vector",
+                                                             "topk": 100})
+        assert status == 200 and {h["id"] for h in body["hits"]} == set(acked), body
         client.close()
     finally:
         server.stop()

@@ -242,8 +242,13 @@ def test_background_store_answers_pending_and_is_not_shed_under_memory_pressure(
         assert not stored["isError"] and stored["structuredContent"]["embedding"] == "pending"
         assert "Embedding pending" in stored["content"][0]["text"]
         jsonschema.validate(stored["structuredContent"], TOOLS["memory_store"].output_schema)
+        mid = stored["structuredContent"]["id"]
         found = call(env, "memory_search", {"query": "spare fuse", "mode": "keyword"})["structuredContent"]
-        assert [h["id"] for h in found["hits"]] == [stored["structuredContent"]["id"]]
+        assert [(h["id"], h["embedding"]) for h in found["hits"]] == [(mid, "pending")]
+        got = call(env, "memory_get", {"id": mid})["structuredContent"]
+        assert got["embedding"] == "pending"
+        env.memory.embed_pending()
+        assert call(env, "memory_get", {"id": mid})["structuredContent"]["embedding"] == "done"
     finally:
         env.close()
 

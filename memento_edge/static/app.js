@@ -138,6 +138,10 @@
       meta.appendChild(time);
     }
     (item.tags || []).forEach(function (t) { meta.appendChild(el("span", "tag", t)); });
+    if (item.embedding === "pending") {
+      // Found by its words now; search by meaning finds it once the background worker embeds it.
+      meta.appendChild(el("span", "pending", "embedding pending"));
+    }
     li.appendChild(meta);
     var actions = el("div", "actions");
     var edit = el("button", "secondary", "Edit");
