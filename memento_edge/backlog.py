@@ -84,8 +84,11 @@ def embed_one(embedder: Any, text: str, pause: Callable[[], None]) -> np.ndarray
 class EmbedWorker:
     """The thread that drains the backlog of one :class:`~memento_edge.memory.Memory`."""
 
-    def __init__(self, memory: "Memory") -> None:
+    def __init__(self, memory: "Memory", may_embed: Optional[Callable[[], bool]] = None) -> None:
         self.memory = memory
+        # The service's memory governor: False while memory is critically high (the worker then waits
+        # like after a transient failure, so it never reloads a model the governor has just unloaded).
+        self.may_embed = may_embed or (lambda: True)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -129,6 +132,8 @@ class EmbedWorker:
         backoff = 1.0
         while not self._stop.is_set():
             try:
+                if not self.may_embed():
+                    raise Busy("memory is critically high: background embedding waits")
                 self.state = "embedding"
                 done = self.memory.embed_pending(BATCH, pause=self.pause)
                 self.embedded += done

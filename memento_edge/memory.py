@@ -739,11 +739,14 @@ class Memory:
 
 
     # --- background embedding (backlog.py) ---------------------------------------------------------
-    def start_embed_worker(self) -> EmbedWorker:
-        """Start the thread that drains the embedding backlog (``serve`` does; idempotent)."""
+    def start_embed_worker(self, may_embed: Optional[Callable[[], bool]] = None) -> EmbedWorker:
+        """Start the thread that drains the embedding backlog (``serve`` does; idempotent).
+
+        ``may_embed``: asked before each round; False makes the worker wait (the service passes its
+        memory governor's verdict)."""
         with self._worker_lock:
             if self._worker is None:
-                self._worker = EmbedWorker(self)
+                self._worker = EmbedWorker(self, may_embed)
             self._worker.start()
             return self._worker
 

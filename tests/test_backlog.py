@@ -228,6 +228,26 @@ def test_worker_waits_while_a_query_holds_the_model(bg) -> None:
     assert done.wait(30)
 
 
+def test_worker_waits_while_memory_is_critically_high(bg) -> None:
+    allowed = threading.Event()
+    bg.remember("embedded once the governor allows it")
+    worker = bg.start_embed_worker(may_embed=allowed.is_set)
+    worker.wake()
+    threading.Event().wait(0.3)
+    assert bg.embedder.seen == [] and worker.describe()["state"] == "waiting"
+    assert "memory is critically high" in worker.describe()["last_error"]
+    allowed.set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while bg.backlog_state()["pending"]:
+            threading.Event().wait(0.02)
+        done.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert done.wait(30)
+
+
 def test_embed_mode_auto_is_background_only_on_armv6(monkeypatch) -> None:
     import platform
 

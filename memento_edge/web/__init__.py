@@ -23,6 +23,7 @@ from flask import Flask
 
 from .. import __version__, logs
 from ..auth import check_bind
+from ..governor import HARD
 from .access import register_hooks, route_template
 from .errors import ApiError, error_response, register_error_handlers
 from .ratelimit import RateLimiter
@@ -107,9 +108,8 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
     _log_start(mode, st, address)
     started = time.monotonic()
     stop_governor = st.governor.start_background()
-    start_worker = getattr(st.memory, "start_embed_worker", None)
-    if callable(start_worker):
-        start_worker()  # drains the embedding backlog (also one left by a previous run)
+    # Drains the embedding backlog (also one left by a previous run), not while memory is critically high.
+    st.memory.start_embed_worker(may_embed=lambda: st.governor.check() != HARD)
     if settings.warmup:
         st.embedder.start_warmup()  # the service answers meanwhile: recall degrades to keyword search
 
