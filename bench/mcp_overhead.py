@@ -10,7 +10,9 @@ minus REST) for each repetition, and the median over the repetitions.
 faces over one keep-alive loopback connection. By default each pair uses two different queries from one
 pool, so neither side gets the other's embedding-cache hit and both embed; ``--cached`` embeds the pool
 first and sends the *same* query to both sides, so neither embeds and the difference left is the protocol's
-own cost (parsing, checking, shaping) with far less noise from the model.
+own cost (parsing, checking, shaping) with far less noise from the model. With ``--http`` the server's CPU
+time per request (all its threads, from ``/proc``) is reported too: on a shared machine the wall time is
+mostly waiting for a core, the CPU time is what the request itself cost.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .http_bench import (TOKEN, _Client, _mcp_failed, _Server, default_model_dir, make_queries,
-                         mcp_search)
+from .http_bench import (TOKEN, _Client, _mcp_failed, _Server, default_model_dir, make_queries, mcp_search,
+                         read_status_kb)
 
-# send(face, query, i) -> None; raises on a failed answer.
+# send(face, query, i) -> None; raises on a failed answer. Its ``rss`` attribute (HTTP only) reads the
+# server's VmRSS and VmHWM in MB.
 Send = Callable[[str, str, int], None]
 _REST_BODY = {"topk": 5, "mode": "hybrid"}
 
@@ -71,26 +74,50 @@ def _over_http(workdir: Path, model_dir: Path) -> Iterator[Send]:
                 status, payload = client.call("POST", path, body, headers)
             assert status == 200 and not _mcp_failed(payload), f"HTTP {status}: {str(payload)[:300]}"
 
+        pid = server.proc.pid if server.proc is not None else 0
+        send.rss = lambda: {k: round(v / 1024, 1) for k, v in read_status_kb(pid).items()}  # type: ignore[attr-defined]
+        send.cpu_ns = lambda: server_cpu_ns(pid)  # type: ignore[attr-defined]
         yield send
     finally:
         client.close()
         server.stop()
 
 
+def server_cpu_ns(pid: int) -> int:
+    """CPU time the process ``pid`` has run, all threads, in ns (``/proc/<pid>/task/*/schedstat``: exact, not
+    tick-sampled, and unaffected by how long the process waited for a core - what a loaded machine inflates)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended between the listing and the read
+    return total
+
+
 def _alternate(send: Send, queries: List[str], pairs: int, cached: bool) -> Dict[str, Any]:
-    """``pairs`` REST/MCP pairs, the order swapped every pair; p50s and the median per-pair difference."""
-    rest: List[float] = []
-    mcp: List[float] = []
+    """``pairs`` REST/MCP pairs, the order swapped every pair; p50s and the median per-pair difference (wall
+    time, and with ``--http`` also the server's CPU time per request)."""
+    wall: Dict[str, List[float]] = {"rest": [], "mcp": []}
+    cpu: Dict[str, List[float]] = {"rest": [], "mcp": []}
+    cpu_now: Callable[[], int] = getattr(send, "cpu_ns", lambda: 0)
     for i in range(pairs):
         a, b = (queries[i % len(queries)],) * 2 if cached else (queries[2 * i], queries[2 * i + 1])
         order: Tuple[Tuple[str, str], ...] = (("rest", a), ("mcp", b)) if i % 2 else (("mcp", a), ("rest", b))
         for face, query in order:
-            t0 = time.perf_counter()
+            c0, t0 = cpu_now(), time.perf_counter()
             send(face, query, i)
-            (rest if face == "rest" else mcp).append((time.perf_counter() - t0) * 1000)
-    diffs = [m - r for m, r in zip(mcp, rest)]
-    return {"rest_p50_ms": round(statistics.median(rest), 3), "mcp_p50_ms": round(statistics.median(mcp), 3),
-            "median_pair_difference_ms": round(statistics.median(diffs), 3)}
+            wall[face].append((time.perf_counter() - t0) * 1000)
+            cpu[face].append((cpu_now() - c0) / 1e6)
+    out = {"rest_p50_ms": round(statistics.median(wall["rest"]), 3),
+           "mcp_p50_ms": round(statistics.median(wall["mcp"]), 3),
+           "median_pair_difference_ms": round(statistics.median(m - r for m, r in zip(wall["mcp"], wall["rest"])), 3)}
+    if hasattr(send, "cpu_ns"):
+        out.update({"server_cpu_rest_p50_ms": round(statistics.median(cpu["rest"]), 3),
+                    "server_cpu_mcp_p50_ms": round(statistics.median(cpu["mcp"]), 3),
+                    "server_cpu_median_pair_difference_ms": round(statistics.median(
+                        m - r for m, r in zip(cpu["mcp"], cpu["rest"])), 3)})
+    return out
 
 
 def run(workdir: Path, pairs: int = 400, model_dir: Optional[Path] = None, *, http: bool = False,
@@ -104,13 +131,19 @@ def run(workdir: Path, pairs: int = 400, model_dir: Optional[Path] = None, *, ht
     with (_over_http if http else _in_process)(workdir, model_dir) as send:
         for i, q in enumerate(warm + (queries if cached else [])):  # load the model, settle caches (and
             send("rest", q, i)                                     # with --cached embed the whole pool)
+        rss = getattr(send, "rss", dict)
+        server_rss: Dict[str, Any] = {"after_rest_only": rss()}  # the server before its first MCP request
         reps = []
         for r in range(repeat):
             chunk = queries if cached else queries[2 * pairs * r:2 * pairs * (r + 1)]
             reps.append(_alternate(send, chunk, pairs, cached))
+        server_rss["after_mcp_and_rest"] = rss()
     return {"transport": "http" if http else "in-process", "cached": cached, "pairs": pairs, "repetitions": reps,
+            **({"server_rss_mb": server_rss} if http else {}),
             "median_of_pair_differences_ms": round(statistics.median(
                 r["median_pair_difference_ms"] for r in reps), 3),
+            **({"median_of_server_cpu_pair_differences_ms": round(statistics.median(
+                r["server_cpu_median_pair_difference_ms"] for r in reps), 3)} if http else {}),
             "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
 
 
