@@ -6,6 +6,8 @@ candidates with exact cosines, the keyword side's top candidates with BM25, ever
 the query's keyword terms with their document counts, and which terms each candidate contains. Fusion
 variants are then ranked from these records without touching a store.
 
+Candidates include the turns next to a candidate in its session (the dialogue context of fusion.fuse).
+
 Cross-validation: six folds, each holding out one LoCoMo conversation *and* one half of the
 paraphrase questions. A variant's free parameters are chosen on the rest (mean of paraphrase top-1 and
 LoCoMo evidence R@10, equally weighted) and scored on what was held out. Reported per variant: the
@@ -40,13 +42,15 @@ def record_question(mem: Any, emb: Any, question: str, relevant: Sequence[int], 
     vec = store.vector_search(qvec, pool)
     kw = store.keyword_search(question, pool)
     ids = sorted({i for i, _ in vec} | {i for i, _ in kw})
+    near = store.session_neighbours(ids)
+    ids = sorted(set(ids) | set(near))
     sims = store.exact_similarities(qvec, ids)
     terms = query_terms(question)
     n, df, matched = store.term_matches(terms, ids)
     return {"vector": [int(i) for i, _ in vec], "keyword": [[int(i), float(s)] for i, s in kw],
             "sims": {int(i): float(s) for i, s in sims.items()}, "terms": [t.text for t in terms],
             "docs": n, "df": df, "matched": {int(k): v for k, v in matched.items()},
-            "relevant": sorted(int(i) for i in relevant)}
+            "near": {int(k): v for k, v in near.items()}, "relevant": sorted(int(i) for i in relevant)}
 
 
 def record_paraphrase(spec: Dict[str, Any], work: Path) -> List[Dict[str, Any]]:
@@ -115,12 +119,18 @@ def _by(ids: List[int], s: np.ndarray) -> List[int]:
     return [ids[n] for n in order]
 
 
-def linear(lam: float, mu: float = 0.0, p: float = 1.0) -> Ranker:
-    """similarity + lam * coverage**p + mu * coverage**p * rarity (the logistic score's ranking)."""
+def linear(lam: float, mu: float = 0.0, p: float = 1.0, beta: float = 0.0) -> Ranker:
+    """e = similarity + lam * coverage**p + mu * coverage**p * rarity, plus beta times the better session
+    neighbour's e (the logistic score's ranking, fusion.fuse)."""
     def rank(rec: Dict[str, Any]) -> List[int]:
         ids, f = rec["_f"]
         c = f[:, 1] ** p
-        return _by(ids, f[:, 0] + lam * c + mu * c * f[:, 2])
+        e = f[:, 0] + lam * c + mu * c * f[:, 2]
+        if beta and rec.get("near"):
+            row = {i: n for n, i in enumerate(ids)}
+            near = rec["near"]
+            e = e + beta * np.array([max([0.0] + [e[row[j]] for j in near.get(i, ()) if j in row]) for i in ids])
+        return _by(ids, e)
     return rank
 
 
@@ -163,6 +173,9 @@ FAMILIES: Dict[str, List[Tuple[Dict[str, float], Ranker]]] = {
     "sim + lam*cov**p + mu*cov**p*rarity": [({"lam": lam, "mu": mu, "p": p}, linear(lam, mu, p))
                                             for lam, mu, p in itertools.product(
                                                 (0.0, 0.1, 0.2, 0.3, 0.4), (0.2, 0.4, 0.6, 1.0), (1.5, 2, 3))],
+    "... + beta*session neighbour": [({"lam": lam, "mu": mu, "p": p, "beta": b}, linear(lam, mu, p, b))
+                                     for lam, mu, p, b in itertools.product(
+                                         (0.2, 0.3, 0.4), (0.4, 0.6, 1.0), (1.5, 2), (0.0, 0.2, 0.3, 0.4, 0.5))],
 }
 
 
@@ -218,6 +231,7 @@ def cross_validate(para: List[Dict[str, Any]], loc: Dict[str, List[Dict[str, Any
         out[name] = {
             "paraphrase_top1_heldout": statistics.fmean(m["top1"] for m in held_para),
             "paraphrase_mrr_heldout": statistics.fmean(m["mrr"] for m in held_para),
+            "paraphrase_top1_per_fold": [m["top1"] for m in held_para],
             "locomo_r10_heldout": statistics.fmean(statistics.fmean(v) for v in held_loc.values()) if convs else None,
             "locomo_r10_heldout_per_conversation": {c: statistics.fmean(v) for c, v in held_loc.items()},
             "chosen_per_fold": choices,
@@ -243,14 +257,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if recs_path:
             recs_path.write_text(json.dumps(recs), encoding="utf-8")
     for rec in recs["paraphrase"] + [r for rs in recs["locomo"].values() for r in rs]:
-        for key in ("sims", "matched", "dia"):  # JSON object keys are strings
+        for key in ("sims", "matched", "dia", "near"):  # JSON object keys are strings
             if key in rec:
                 rec[key] = {int(k): v for k, v in rec[key].items()}
     res = cross_validate(recs["paraphrase"], recs["locomo"])
     for name, r in res.items():
         loc = r["locomo_r10_heldout"]
-        print(f"{name:34s} paraphrase top-1 {r['paraphrase_top1_heldout']:.3f} MRR {r['paraphrase_mrr_heldout']:.3f}"
-              f"  LoCoMo R@10 {loc if loc is None else round(loc, 3)}  chosen on all: {r['chosen_on_all']}")
+        folds = r["paraphrase_top1_per_fold"]
+        per = " ".join(f"{c}: {v:.3f}" for c, v in r["locomo_r10_heldout_per_conversation"].items())
+        print(f"{name:34s} paraphrase top-1 {r['paraphrase_top1_heldout']:.3f} "
+              f"(folds {min(folds):.3f}-{max(folds):.3f}, sd {statistics.pstdev(folds):.3f}) "
+              f"MRR {r['paraphrase_mrr_heldout']:.3f}  LoCoMo R@10 "
+              f"{loc if loc is None else round(loc, 3)} ({per})  chosen on all: {r['chosen_on_all']}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
     return 0

@@ -561,11 +561,17 @@ class Memory:
             found = self.store.approx_similarities(qvec, extra)
             # a memory without a vector yet (e.g. still waiting to be embedded) scores by its words alone
             sims.update({i: found.get(i, 0.0) for i in extra})
+        near = self.store.session_neighbours(list(sims), flt)
+        context = [n for n in near if n not in sims]
+        if context:  # dialogue context: the turns next to a candidate in its session (fusion.fuse)
+            found = self.store.approx_similarities(qvec, context)
+            sims.update({i: found.get(i, 0.0) for i in context})
         ev = self._keyword_evidence(query, list(sims))
         # Rank a margin on approximate cosines, then score the shown hits on exact ones.
-        top = fusion.fuse(sims, ev, limit=topk + 2)
+        top = fusion.fuse(sims, ev, limit=topk + 2, neighbours=near)
         exact = self.store.exact_similarities(qvec, [h.id for h in top])
-        scored = fusion.fuse({h.id: exact.get(h.id, h.similarity) for h in top}, ev)
+        sims.update({h.id: exact.get(h.id, h.similarity) for h in top})
+        scored = fusion.fuse(sims, ev, neighbours=near, only=[h.id for h in top])
         return scored, (_ranks(vec_hits), _ranks(kw_hits))
 
     def recall_many(self, queries: Sequence[Mapping[str, Any]]) -> List[RecallResult]:

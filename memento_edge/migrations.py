@@ -134,6 +134,13 @@ def m004_embed_backlog(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m005_session_neighbours(conn: sqlite3.Connection) -> None:
+    # Hybrid recall reads the turns before and after a candidate in the same session (dialogue context,
+    # fusion.py); partial, so memories without a session_id cost nothing.
+    conn.execute("CREATE INDEX memories_session ON memories (session_id, id) WHERE session_id IS NOT NULL")
+
+
 def applied(conn: sqlite3.Connection) -> List[str]:
     """Names of the migrations already applied to ``conn``'s database, in order."""
     exists = conn.execute(

@@ -1110,6 +1110,37 @@ class Store:
                     matched.setdefault(int(mid), []).append(t)
         return n, df, matched
 
+    def session_neighbours(self, ids: Sequence[int],
+                           filters: Optional[Mapping[str, Any]] = None) -> Dict[int, List[int]]:
+        """{id: the memories just before and after it in its session} for those ``ids`` that have one, and
+        the reverse links (a neighbour's entry lists the ``ids`` it is next to).
+
+        A neighbour is the nearest lower or higher id with the same ``session_id``, kept only if it matches
+        ``filters``: a dialogue turn is often understood only with the turn next to it (an answer after its
+        question), which hybrid recall uses as context.
+        """
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        sql = ("SELECT m.id, (SELECT max(n.id) FROM memories n WHERE n.session_id = m.session_id AND n.id < m.id), "
+               "(SELECT min(n.id) FROM memories n WHERE n.session_id = m.session_id AND n.id > m.id) "
+               f"FROM memories m WHERE m.id IN ({marks}) AND m.session_id IS NOT NULL")
+        where, params = filter_sql(filters or {})
+        with self.reader() as c:
+            pairs = {int(r[0]): [int(x) for x in r[1:] if x is not None]
+                     for r in c.execute(sql, [int(i) for i in ids])}
+            near = sorted({n for ns in pairs.values() for n in ns})
+            if where != "1" and near:
+                ok = _SqliteVecIndex._filter_ids(c, near, where, params)
+                pairs = {i: [n for n in ns if n in ok] for i, ns in pairs.items()}
+        out: Dict[int, List[int]] = {}
+        for i, ns in pairs.items():
+            for n in ns:
+                out.setdefault(i, []).append(n)
+                if i not in out.get(n, ()):
+                    out.setdefault(n, []).append(i)
+        return out
+
     def get_vector(self, memory_id: int) -> Optional[np.ndarray]:
         """The stored vector of one memory (tests, dedupe)."""
         index = self._require_vectors()

@@ -6,6 +6,8 @@ that only the keyword side can find. Quality as a number is measured by ``python
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from memento_edge import fusion
@@ -126,3 +128,45 @@ def test_keyword_mode_reports_matched_terms_and_a_0_to_1_score(fake_memory):
     assert [h.matched_terms for h in hits] == [["tom", "party"], ["192.168.1.40"]] or \
         [h.matched_terms for h in hits] == [["192.168.1.40"], ["tom", "party"]]
     assert all(0.0 < h.score <= 1.0 and h.similarity is None for h in hits)
+
+
+# --- dialogue context: the turns next to a candidate in its session ---------------------------------
+def test_session_neighbours_are_the_turns_before_and_after_in_the_same_session(fake_memory):
+    ids = [r.id for r in fake_memory.remember_many([
+        {"text": "A: where did you go on Saturday?", "session_id": "s1"},
+        {"text": "a note without a session"},
+        {"text": "B: to the flea market by the river", "session_id": "s1", "collection": "other"},
+        {"text": "C: unrelated chat", "session_id": "s2"},
+        {"text": "A: and what did you find there?", "session_id": "s1"},
+    ])]
+    near = fake_memory.store.session_neighbours([ids[2]])
+    assert near[ids[2]] == [ids[0], ids[4]]
+    assert near[ids[0]] == [ids[2]] and near[ids[4]] == [ids[2]]  # the reverse links
+    assert fake_memory.store.session_neighbours([ids[1], ids[3]]) == {}
+    # a neighbour the filters leave out gives no context
+    assert fake_memory.store.session_neighbours([ids[0]], {"collection": "default"}) == {}
+
+
+def test_a_neighbours_evidence_lifts_the_turn_next_to_it():
+    # id 2 answers the question turn id 1 (which holds the query's words); id 3 is a lone look-alike
+    ev = _ev(["market"], [1], {1: [0]})
+    sims = {1: 0.45, 2: 0.30, 3: 0.32}
+    plain = fusion.fuse(sims, ev)
+    assert [h.id for h in plain][1:] == [3, 2]
+    params = dataclasses.replace(fusion.PARAMS, w_context=0.3)
+    lifted = fusion.fuse(sims, ev, params, neighbours={1: [2], 2: [1]})
+    assert [h.id for h in lifted][1:] == [2, 3]
+    assert lifted[1].matched == () and lifted[1].similarity == 0.30  # its own evidence is reported
+    only = fusion.fuse(sims, ev, params, neighbours={1: [2], 2: [1]}, only=[2])
+    assert [h.id for h in only] == [2] and only[0].score == pytest.approx(lifted[1].score)
+
+
+def test_hybrid_recall_finds_the_answer_turn_after_the_matching_question(fake_memory):
+    fake_memory.remember_many([{"text": f"filler chat number {i} about nothing much", "session_id": "s0"}
+                               for i in range(30)])
+    q, a = fake_memory.remember_many([
+        {"text": "Maria: which instrument is Leo learning at the conservatory?", "session_id": "s1"},
+        {"text": "Jon: the cello, twice a week since spring", "session_id": "s1"}])
+    hits = fake_memory.recall("instrument Leo learning conservatory", topk=2).hits
+    assert [h.id for h in hits] == [q.id, a.id]
+    assert hits[1].matched_terms == []
