@@ -4,7 +4,9 @@ For ``seconds``, at the same time:
 
 * 30 slowloris sockets (from 127.0.0.2) trickle request headers at 1 byte/s, reconnecting when cut off;
 * 40 idle keep-alive sockets (from 127.0.0.3) send one request each, then sit idle, reconnecting when closed;
-* 4 clients (from 127.0.0.4) send maximum-size batch writes (1,000 memories x 8,000 characters) back to back;
+* 4 clients (from 127.0.0.4) send batch writes back to back, alternating the issue's 1,000 memories x 8,000
+  characters (8 MB: over max_body_bytes, refused before it is read) and the largest batch every limit
+  admits, 250 x 8,000 characters (2 MB, ~64,000 tokens: the whole work_token_budget, really embedded);
 * 4 normal clients (from 127.0.0.1) recall (hybrid, top 5), each request with a 10 s timeout.
 
 Reported: the normal clients' p50/p95/p99 and errors, what happened to the batches (status counts), how
@@ -23,7 +25,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Sequence
 
 SLOWLORIS, IDLE, BATCHERS, NORMAL = 30, 40, 4, 4
-BATCH_ITEMS, BATCH_CHARS = 1000, 8000
+BATCH_ITEMS, BATCH_CHARS = (1000, 250), 8000
 NORMAL_TIMEOUT_S = 10.0
 
 
@@ -93,14 +95,15 @@ def _batcher(port: int, token: str, n: int, stop: threading.Event, c: _Counters,
     k = 0
     while not stop.is_set():
         k += 1
-        body = json.dumps({"items": [{"text": f"batch {n}.{k}.{i} {filler}"} for i in range(BATCH_ITEMS)]})
+        items = BATCH_ITEMS[k % len(BATCH_ITEMS)]
+        body = json.dumps({"items": [{"text": f"batch {n}.{k}.{i} {filler}"} for i in range(items)]})
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600, source_address=("127.0.0.4", 0))
         t0 = time.perf_counter()
         try:
             conn.request("POST", "/v1/memories", body=body.encode(),
                          headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
             status = conn.getresponse().status
-            c.add(f"batch_http_{status}")
+            c.add(f"batch{items}_http_{status}")
         except (OSError, http.client.HTTPException) as exc:
             c.add(f"batch_{type(exc).__name__}")
             stop.wait(1.0)
@@ -161,7 +164,8 @@ def run_hostile(port: int, token: str, queries: Sequence[str], seconds: float,
     ordered = sorted(lat)
     return {
         "seconds": seconds, "attack": {"slowloris": SLOWLORIS, "idle_keepalive": IDLE, "batch_writers": BATCHERS,
-                                       "batch": f"{BATCH_ITEMS} x {BATCH_CHARS} characters"},
+                                       "batch": " / ".join(f"{n} x {BATCH_CHARS}" for n in BATCH_ITEMS)
+                                       + " characters"},
         "normal_clients": NORMAL, "normal_requests": len(ordered), "normal_errors": len(errors),
         "normal_error_examples": sorted(set(errors))[:5],
         "normal_p50_ms": round(percentile(ordered, 50), 1), "normal_p95_ms": round(percentile(ordered, 95), 1),

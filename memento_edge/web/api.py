@@ -65,7 +65,6 @@ def create_memories() -> Response:
 # while another is in progress, the embedding budget is mostly taken or memory is critically high:
 # parsing four 8 MB batches at once cost ~100 MB of RSS.
 LARGE_BODY_BYTES = 64 * 1024
-LARGE_BODY_WAIT_S = 1.0
 
 
 @contextmanager
@@ -73,7 +72,8 @@ def _large_write_slot(st: AppState) -> Iterator[None]:
     if (request.content_length or 0) <= LARGE_BODY_BYTES:
         yield
         return
-    if st.memory.work.saturated() or not st.large_writes.acquire(timeout=LARGE_BODY_WAIT_S):
+    # No waiting: a shed request must not hold one of the few worker threads recall needs.
+    if st.memory.work.saturated() or not st.large_writes.acquire(blocking=False):
         raise Busy("the server is busy with another large write; retry shortly", retry_after=5.0)
     try:
         st.governor.admit_embedding()
