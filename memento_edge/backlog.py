@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
@@ -46,23 +47,37 @@ TRANSIENT = (ModelUnavailable, ModelMismatch, Busy, StoreError)
 
 
 class QueryFirst:
-    """Queries take the model first: the worker parks while any foreground embedding runs."""
+    """Queries take the model first: the worker parks while any foreground embedding runs, and a large
+    inline write parks between its texts while a recall query embeds (``Memory._bulk_vectors``)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._active = 0
+        self._queries = 0
 
     @contextlib.contextmanager
-    def foreground(self) -> Iterator[None]:
-        """Mark a query (or an inline write) as using the model for the duration of the block."""
+    def foreground(self, *, query: bool = False) -> Iterator[None]:
+        """Mark a query (``query=True``) or an inline write as using the model for the duration of the block."""
         with self._cond:
             self._active += 1
+            self._queries += int(query)
         try:
             yield
         finally:
             with self._cond:
                 self._active -= 1
+                self._queries -= int(query)
                 self._cond.notify_all()
+
+    def wait_for_queries(self, timeout: float) -> None:
+        """Return once no recall query embeds, or after ``timeout`` s (the write must still progress)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queries:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def wait_idle(self, stop: Optional[threading.Event] = None) -> None:
         """Return once no foreground embedding runs (or ``stop`` is set)."""

@@ -25,6 +25,7 @@ from .budget import WorkBudget, estimate_tokens
 from .backlog import BATCH, COMMIT_S, MAX_ATTEMPTS, TRANSIENT, EmbedWorker, QueryFirst, WorkerStopping, embed_one
 from .clock import ClockReading, ClockSource, SystemClock
 from .config import Settings
+from .governor import malloc_trim
 from .errors import (
     Busy, InvalidInput, MementoError, ModelMismatch, ModelUnavailable, NotFound, StoreError,
 )
@@ -45,6 +46,10 @@ HYBRID_POOL = 50
 # The min-max fusion hybrid recall used before fusion.py; kept for bench/fusion_cv.py's comparison.
 HYBRID_ALPHA = 0.5
 WRITE_BATCH = 64
+# A write of several texts embeds them one by one; before each it yields to recall queries for at most
+# this long (a query embeds in milliseconds; the bound keeps a stream of queries from starving the write).
+QUERY_YIELD_S = 1.0
+BULK_TRIM_EVERY = 8  # texts of a write between two malloc_trim calls (~1-10 ms each; a 256-token run ~40 ms)
 # How long a write waits for room in the embedding work budget before it is shed (Busy -> 503).
 WORK_WAIT_S = 1.0
 
@@ -272,8 +277,27 @@ class Memory:
         self._check_fingerprint()
         if self.store.vector is None:
             raise StoreError("this database's vectors need sqlite-vec, which cannot be loaded here")
+        if len(texts) > 1:
+            return self._bulk_vectors(list(texts))
         with self.query_first.foreground():  # someone is waiting for these: the worker yields
             return np.asarray(self.embedder.embed_batch(list(texts)), dtype=np.float32)
+
+    def _bulk_vectors(self, texts: List[str]) -> np.ndarray:
+        """The vectors of a write's many texts, one text at a time, recall queries first.
+
+        Before each text the write waits (at most ``QUERY_YIELD_S``) while a recall query embeds, so a
+        large batch delays a query by at most the one text in flight. Every ``BULK_TRIM_EVERY`` texts the
+        heap the runs freed goes back to the kernel: glibc keeps ~10 MB after each 256-token run, and the
+        fragments of many runs and concurrent recalls pile up over a long batch (issue #14, item 4).
+        """
+        vectors = []
+        for n, text in enumerate(texts, 1):
+            self.query_first.wait_for_queries(QUERY_YIELD_S)
+            with self.query_first.foreground():  # the background worker yields to inline writes too
+                vectors.append(np.asarray(self.embedder.embed_batch([text])[0], dtype=np.float32))
+            if n % BULK_TRIM_EVERY == 0:
+                malloc_trim()
+        return np.stack(vectors)
 
     # --- clock guard ------------------------------------------------------------------------------
     def _clock_reading(self) -> ClockReading:
@@ -496,7 +520,7 @@ class Memory:
                 self._check_fingerprint()
                 if self.store.vector is None:
                     raise StoreError("sqlite-vec is not available on this machine")
-                with self.query_first.foreground():  # the background worker parks meanwhile
+                with self.query_first.foreground(query=True):  # background and bulk writes park meanwhile
                     qvec = np.asarray(self.embedder.embed(query), dtype=np.float32)
             except (ModelUnavailable, ModelMismatch, Busy, StoreError) as exc:
                 note = f"{mode} recall unavailable, answered by keyword: {exc}"

@@ -612,6 +612,41 @@ def test_writes_that_do_not_fit_beside_running_work_are_shed_and_recall_still_an
         env.close()
 
 
+def test_a_large_write_lets_a_recall_query_embed_before_its_next_text(fake_memory: Memory,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Query first: a batch embeds text by text and, before each text, waits while a recall query embeds,
+    so a query waits for at most the one text of a large batch in flight."""
+    from memento_edge import memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "QUERY_YIELD_S", 600.0)  # only the query's end releases the write
+    order: list = []
+    query_in, write_waiting = threading.Event(), threading.Event()
+    real_embed, real_wait = fake_memory.embedder.embed_batch, fake_memory.query_first.wait_for_queries
+
+    def query() -> None:
+        with fake_memory.query_first.foreground(query=True):
+            query_in.set()
+            write_waiting.wait(60)
+            order.append("query")
+
+    def embed_batch(texts: Any) -> Any:
+        order.extend(texts)
+        if texts == ["text 0"]:  # a query arrives while the write's first text is embedding
+            threading.Thread(target=query, daemon=True).start()
+            query_in.wait(60)
+        return real_embed(texts)
+
+    def wait_for_queries(timeout: float) -> None:
+        if order:
+            write_waiting.set()
+        real_wait(timeout)
+
+    monkeypatch.setattr(fake_memory.embedder, "embed_batch", embed_batch)
+    monkeypatch.setattr(fake_memory.query_first, "wait_for_queries", wait_for_queries)
+    fake_memory.remember_many([{"text": f"text {n}"} for n in range(3)])
+    assert order == ["text 0", "query", "text 1", "text 2"]
+
+
 def test_the_governor_stops_a_long_batch_when_memory_runs_out(tmp_path: Path) -> None:
     env = make_env(tmp_path, rss_limit_mb=100)
     try:
