@@ -66,6 +66,7 @@ def test_dhcp_server_hands_the_laptop_one_address_and_no_route(firstboot_net: Di
     assert ipaddress.ip_address(firstboot_net["address"]) not in pool
     # The laptop must keep its own default route and resolver: the cable reaches only the device.
     assert dhcp["EmitRouter"] == "no" and dhcp["EmitDNS"] == "no"
+    assert dhcp["EmitNTP"] == "no" and dhcp["EmitTimezone"] == "no"
     assert int(dhcp["DefaultLeaseTimeSec"]) <= 600
 
 
