@@ -148,6 +148,31 @@ def test_documented_example_filled_in_applies(fb, dev, where, text) -> None:  # 
     assert "hostname = memento-pi" in dev.boot.read_text()        # the rest stays
 
 
+def inline_examples() -> List[Tuple[str, str]]:
+    """(where, line) of every one-line first-boot setting the READMEs show in running text
+    (`` `wifi_hidden = yes` ``); a ``<...>`` stand-in for the reader's own value is not an example."""
+    out = []
+    for readme in ("README.md", "image/README.md"):
+        for snippet in re.findall(r"`([A-Za-z_-]+ *= *[^`<]+)`", (REPO / readme).read_text(encoding="utf-8")):
+            key = snippet.split("=", 1)[0].strip().lower().replace("-", "_")
+            if key in ("hostname", "api_token", "timezone") or key.startswith(("wifi_", "ssh_", "api_")):
+                out.append((readme, snippet))
+    return out
+
+
+def test_readmes_show_inline_settings() -> None:
+    lines = {line for _, line in inline_examples()}
+    assert {"wifi_hidden = yes", "wifi_security = wpa3", "api_token = generate"} <= lines
+
+
+@pytest.mark.parametrize("where,line", inline_examples(), ids=[f"{w}:{ln}" for w, ln in inline_examples()])
+def test_inline_example_is_a_valid_setting(fb, where, line) -> None:  # noqa: ANN001
+    parsed = fb.parse(line + "\n")
+    assert parsed.errors == [] and len(parsed.lines) == 1, parsed.errors
+    ln = parsed.lines[0]
+    assert fb.KEYS[ln.key].check(ln.value) is None
+
+
 # --- what people write --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("line,value", [
     ("wifi_passphrase = correct horse # a comment", "correct horse"),
