@@ -855,6 +855,10 @@ class Memory:
                 kept.append((mid, coll, vec))
         return found
 
+    def backlog_owed(self) -> int:
+        """Memories whose vector the backlog still owes (entries given up on after failures excluded)."""
+        return self.store.backlog_owed(MAX_ATTEMPTS)
+
     def backlog_state(self) -> Dict[str, Any]:
         """The embedding backlog: mode, pending / failed entries, oldest age, drain rate, ETA, worker."""
         info: Dict[str, Any] = {"mode": "background" if self.background else "inline",

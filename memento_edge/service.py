@@ -7,8 +7,10 @@ So two rules live here, once, for every face to call:
   :class:`~memento_edge.governor.Governor` (``Busy`` when memory is critically high), except that
   hybrid and vector recall are then answered by keyword - with a ``note`` saying why - instead of
   refused, the way the engine degrades when the model is missing;
-- **background writes are not shed**: with background embedding (``Memory.background``) a write never
-  runs the model, so memory pressure does not refuse it; the backlog worker embeds later;
+- **background writes are not shed by memory pressure**: with background embedding (``Memory.background``)
+  a write never runs the model, so memory pressure does not refuse it; the backlog worker embeds later.
+  What they may owe is bounded: once ``BACKLOG_MAX_PENDING`` memories wait for their vectors, writes are
+  shed (``Busy``) until the worker catches up;
 - **idempotent create**: a retried create with the same key (per caller) and the same request returns
   the first answer; the same key with another request is a :class:`~memento_edge.errors.Conflict`.
 
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Map
 
 from .errors import Busy, Conflict, EmbedTimeout
 from .governor import HARD, Governor
+from .schema import MAX_BATCH_ITEMS
 
 if TYPE_CHECKING:
     from .memory import ImportResult, Memory, MemoryRecord, RecallResult, RememberResult
@@ -39,6 +42,13 @@ class Created:
     payload: Dict[str, Any]
     created: bool        # at least one memory is new (False: all were already stored)
     replayed: bool = False  # the stored answer to an earlier request with the same idempotency key
+
+
+# Background writes never wait for the model, so clients writing faster than the worker embeds (four sending
+# maximum batches) would grow the backlog until the disk is full (issue #14, item 4). Four maximum batches
+# are owed at most (on a Pi Zero W, ~1 h of embedding); then writes are shed until the worker catches up.
+BACKLOG_MAX_PENDING = 4 * MAX_BATCH_ITEMS
+BACKLOG_RETRY_S = 30.0
 
 
 class Service:
@@ -97,8 +107,13 @@ class Service:
 
     def _write_admission(self) -> ContextManager[Any]:
         """The governor's admission for a write (every face). A background-mode write never touches the
-        model, so memory pressure does not refuse it (the worker embeds when memory allows)."""
+        model, so memory pressure does not refuse it (the worker embeds when memory allows); a full
+        backlog does."""
         if self.memory.background:
+            owed = self.memory.backlog_owed()
+            if owed >= BACKLOG_MAX_PENDING:
+                raise Busy(f"{owed:,} memories still wait for their embedding; retry once the backlog drains",
+                           retry_after=BACKLOG_RETRY_S)
             return contextlib.nullcontext()
         return self.governor.embedding()
 

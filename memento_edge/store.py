@@ -1264,6 +1264,12 @@ class Store:
             row = c.execute("SELECT duplicate_of FROM embed_merged WHERE memory_id = ?", (memory_id,)).fetchone()
         return None if row is None else int(row[0])
 
+    def backlog_owed(self, max_attempts: int) -> int:
+        """Backlog entries still to embed (fewer than ``max_attempts`` failures)."""
+        with self.reader() as c:
+            return int(c.execute("SELECT count(*) FROM embed_backlog WHERE attempts < ?",
+                                 (max_attempts,)).fetchone()[0])
+
     def backlog_stats(self, now: float, max_attempts: int, window_min: int = 10) -> Dict[str, Any]:
         """Pending and failed entries, the oldest one's age, and vectors embedded per minute lately."""
         with self.reader() as c:

@@ -647,6 +647,26 @@ def test_a_large_write_lets_a_recall_query_embed_before_its_next_text(fake_memor
     assert order == ["text 0", "query", "text 1", "text 2"]
 
 
+def test_background_writes_are_shed_once_the_backlog_owes_too_much(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background writes skip the work budget (they never run the model): without a bound, four clients
+    sending maximum batches grew the backlog until the disk was full."""
+    from memento_edge import service
+
+    monkeypatch.setattr(service, "BACKLOG_MAX_PENDING", 3)
+    env = make_env(tmp_path, embed_mode="background")  # no worker runs here: the backlog only grows
+    try:
+        r = env.client.post("/v1/memories", json={"items": [{"text": f"owed {n}"} for n in range(3)]})
+        assert r.status_code == 201
+        r = env.client.post("/v1/memories", json={"text": "one too many"})
+        assert r.status_code == 503 and "Retry-After" in r.headers, r.get_data(as_text=True)
+        assert "wait for their embedding" in r.get_json()["error"]["message"] and env.memory.count() == 3
+        env.memory.embed_pending(10)  # the worker catches up
+        assert env.client.post("/v1/memories", json={"text": "one too many"}).status_code == 201
+    finally:
+        env.close()
+
+
 def test_the_governor_stops_a_long_batch_when_memory_runs_out(tmp_path: Path) -> None:
     env = make_env(tmp_path, rss_limit_mb=100)
     try:
