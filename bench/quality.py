@@ -296,12 +296,13 @@ def _project_spec(model_dir: Optional[str]) -> Spec:
     return {"side": "project", "model_dir": str(model_dir or DEFAULT_MODEL_DIR)}
 
 
-def paraphrase_modes(spec: Spec, work: Path, modes: Sequence[str]) -> Dict[str, Any]:
-    """top-1 / MRR / hit@5 per recall mode on the paraphrase dev set (see :mod:`bench.paraphrase`)."""
+def paraphrase_modes(spec: Spec, work: Path, modes: Sequence[str], embedder: Any = None) -> Dict[str, Any]:
+    """top-1 / MRR / hit@5 per recall mode on the paraphrase dev set (see :mod:`bench.paraphrase`);
+    ``embedder`` replaces the side's (bench/static_table.py scores its table this way)."""
     from . import paraphrase
 
     data = paraphrase.load()
-    emb = make_side_embedder(spec, work)
+    emb = embedder if embedder is not None else make_side_embedder(spec, work)
     mem = open_memory(settings_for(spec, work, "paraphrase.db"), emb)
     try:
         key_of = paraphrase.fill(mem, data["notes"])
@@ -316,8 +317,9 @@ def paraphrase_modes(spec: Spec, work: Path, modes: Sequence[str]) -> Dict[str, 
 
 
 def locomo_modes(spec: Spec, work: Path, modes: Sequence[str],
-                 data_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Evidence R@5 / R@10 / hit@5 per recall mode and per LoCoMo dev conversation.
+                 data_dir: Optional[Path] = None, embedder: Any = None) -> Dict[str, Any]:
+    """Evidence R@5 / R@10 / hit@5 per recall mode and per LoCoMo dev conversation (``embedder``
+    replaces the side's).
 
     Shipped modes have no per-fold parameter, so each conversation's figure is already a held-out one
     as long as the shipped parameters were not chosen on it (see ``held_out_note``).
@@ -325,7 +327,7 @@ def locomo_modes(spec: Spec, work: Path, modes: Sequence[str],
     data_dir = data_dir or default_data_dir()
     if data_dir is None:
         return {"skipped": "LoCoMo data not found"}
-    emb = make_side_embedder(spec, work)
+    emb = embedder if embedder is not None else make_side_embedder(spec, work)
     per_mode: Dict[str, Dict[str, Dict[str, float]]] = {m: {} for m in modes}
     for path in sorted(data_dir.glob("*.json")):
         conv = load_conversation(path)
