@@ -217,6 +217,11 @@ def test_worker_waits_while_a_query_holds_the_model(bg) -> None:
         worker.wake()
         threading.Event().wait(0.3)
         assert bg.embedder.seen == []
+    assert _drained(bg, 30)
+
+
+def _drained(bg, timeout: float) -> bool:
+    """True once the backlog has no pending memories, polled from a side thread, within ``timeout`` s."""
     done = threading.Event()
 
     def watch() -> None:
@@ -225,7 +230,7 @@ def test_worker_waits_while_a_query_holds_the_model(bg) -> None:
         done.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    assert done.wait(30)
+    return done.wait(timeout)
 
 
 def test_worker_waits_while_memory_is_critically_high(bg) -> None:
@@ -237,15 +242,7 @@ def test_worker_waits_while_memory_is_critically_high(bg) -> None:
     assert bg.embedder.seen == [] and worker.describe()["state"] == "waiting"
     assert "memory is critically high" in worker.describe()["last_error"]
     allowed.set()
-    done = threading.Event()
-
-    def watch() -> None:
-        while bg.backlog_state()["pending"]:
-            threading.Event().wait(0.02)
-        done.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    assert done.wait(30)
+    assert _drained(bg, 30)
 
 
 def test_embed_mode_auto_is_background_only_on_armv6(monkeypatch) -> None:
