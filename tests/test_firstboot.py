@@ -57,7 +57,7 @@ class Device:
 
     def add_usb_link(self) -> None:
         """The USB gadget link's networkd file, as the image would carry it."""
-        net = self.root / "etc/systemd/network/30-usb-gadget.network"
+        net = self.root / "etc/systemd/network/10-usb-gadget.network"
         net.parent.mkdir(parents=True, exist_ok=True)
         net.write_text("[Match]\nName=usb0\n\n[Network]\nAddress=10.55.0.1/29\nDHCPServer=yes\n")
 
@@ -81,7 +81,7 @@ def dev(fb: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     monkeypatch.setattr(fb, "TOKEN_FILE", d.root / "etc/memento-edge/initial-token")
     monkeypatch.setattr(fb, "BOOT_FILE", d.boot)
     monkeypatch.setattr(fb, "STATUS_FILE", d.status)
-    monkeypatch.setattr(fb, "USB_NETWORK", d.root / "etc/systemd/network/30-usb-gadget.network")
+    monkeypatch.setattr(fb, "USB_NETWORK", d.root / "etc/systemd/network/10-usb-gadget.network")
     monkeypatch.setattr(fb, "ADMIN_USER", pwd.getpwuid(os.getuid()).pw_name)
     monkeypatch.setattr(fb, "announce", lambda lines, console_only: None)
     yield d

@@ -52,7 +52,7 @@ ADMIN_USER = "admin"
 SERVICE_GROUP = "memento-edge"
 # The USB gadget link's networkd file, when the image has one: its Address= is the device's address there and
 # its subnet the clients the web page treats as local.
-USB_NETWORK = ROOT / "etc/systemd/network/30-usb-gadget.network"
+USB_NETWORK = ROOT / "etc/systemd/network/10-usb-gadget.network"
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
