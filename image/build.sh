@@ -163,6 +163,9 @@ appliance() {
     systemd-networkd.service systemd-resolved.service systemd-timesyncd.service ssh.service >/dev/null
   # Nothing holds boot up waiting for a network that may not be configured yet.
   in_root systemctl mask systemd-networkd-wait-online.service >/dev/null
+  # The Wi-Fi chip's state at every boot (a BCM43436 without its firmware says so on every channel).
+  install -m 0644 "$f/firstboot/memento-edge-wifi.service" "$rootfs/etc/systemd/system/"
+  in_root systemctl enable memento-edge-wifi.service >/dev/null
   ln -sf /run/systemd/resolve/stub-resolv.conf "$rootfs/etc/resolv.conf"
   rm -f "$rootfs/etc/ssl/certs/host-ca-bundle.crt"
 }

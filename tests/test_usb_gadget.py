@@ -42,7 +42,12 @@ def firstboot_net() -> Dict[str, str]:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
-    return {"address": mod.USB_ADDRESS, "subnet": mod.USB_SUBNET}
+    # The script reads the address from the installed networkd file of this name (one fact, in that file):
+    # point it at the image's copy and take what it announces.
+    mod.USB_NETWORK = GADGET / mod.USB_NETWORK.name
+    link = mod.usb_link()
+    assert link is not None, f"the first-boot script reads {mod.USB_NETWORK.name}, which image/files/ lacks"
+    return link
 
 
 def test_usb0_address_is_the_announced_one(firstboot_net: Dict[str, str]) -> None:

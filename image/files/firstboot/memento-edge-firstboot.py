@@ -14,7 +14,7 @@ are replaced by comments so the plain secrets no longer sit on a partition any c
 
 Whatever the file says, the device ends with at least one API token: when it has none, one is generated,
 printed once on the consoles and kept in ``/etc/memento-edge/initial-token`` (root and the service group
-only), which the web page shows to a client on the USB cable or on the device itself. ``api_token =
+only), which the web page shows to local clients (the device itself, the USB gadget link). ``api_token =
 generate`` on the card makes a new one the same way (the way back in after losing it).
 
 Standard library + PyYAML (present in the service's venv) only; Python >= 3.7.
@@ -25,11 +25,13 @@ import binascii
 import difflib
 import grp
 import hashlib
+import ipaddress
 import json
 import os
 import pwd
 import re
 import secrets
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,9 +50,9 @@ TOKEN_FILE = ROOT / "etc/memento-edge/initial-token"
 STATUS_FILE = Path(os.environ.get("MEMENTO_DEVICE_STATUS", "/run/memento-edge-device/status.json"))
 ADMIN_USER = "admin"
 SERVICE_GROUP = "memento-edge"
-# The USB gadget link (image/files/etc/systemd/network/30-usb-gadget.network): the device's address there.
-USB_ADDRESS = "10.55.0.1"
-USB_SUBNET = "10.55.0.0/29"
+# The USB gadget link's networkd file, when the image has one: its Address= is the device's address there and
+# its subnet the clients the web page treats as local.
+USB_NETWORK = ROOT / "etc/systemd/network/10-usb-gadget.network"
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
@@ -270,12 +272,13 @@ def plan(parsed: Parsed) -> Tuple[Plan, List[str]]:
     """Check every value and the combinations; return the plan and the errors (empty = apply)."""
     errors = list(parsed.errors)
     for ln in parsed.lines:
+        where = f"line {ln.number}" if ln.number else "Imager's setting"
         if ln.key in ("api_token", "ssh_authorized_key") and _placeholder(ln.value):
-            errors.append(f"line {ln.number} ({ln.key}): still the example's placeholder; put your own")
+            errors.append(f"{where} ({ln.key}): still the example's placeholder; put your own")
             continue
         problem = KEYS[ln.key].check(ln.value)
         if problem:
-            errors.append(f"line {ln.number} ({ln.key}): {problem}")
+            errors.append(f"{where} ({ln.key}): {problem}")
     v = {k: vals[0] for k, vals in parsed.values().items()}
     p = Plan(hostname=v.get("hostname"), ssh_keys=parsed.values().get("ssh_authorized_key", []),
              api_token=v.get("api_token"), api_token_name=v.get("api_token_name", "firstboot"),
@@ -512,6 +515,291 @@ def apply(p: Plan) -> Tuple[List[str], Optional[str]]:
     return done + p.summary(), generated
 
 
+# --- Wi-Fi chip and firmware --------------------------------------------------------------------------------
+# The Zero 2 W carries one of two radios. Its BCM43436 (the kernel reports "BCM43430/2") needs firmware that
+# Debian does not ship; Raspberry Pi's firmware-brcm80211 package does (RPi-Distro/firmware-nonfree, bookworm
+# branch, version 1:20230625-2+rpt2, debian/config/brcm80211/brcm/). A user who copies those files into the
+# folder brcm/ of the boot partition gets them installed here. sha256 of the files at that version:
+FIRMWARE_SHA256 = {
+    "brcmfmac43436-sdio.bin": "510a7dd1e056199b309425548ee0bd846993a1837ac7fa1e4d3e641f05a1327a",
+    "brcmfmac43436-sdio.clm_blob": "fce7cbb62ffa6a5a65ca97b13f6fbf28d06c02d986c2072d65bf72164755fc34",
+    "brcmfmac43436-sdio.txt": "4cda90facd8844cff60d80b34b24ecbae76adb9a62508a109461b8bf42b478d1",
+    "brcmfmac43436s-sdio.bin": "68b9bcc9855d91733cd44c21de4cb507c91b0d32d838c0696def5eb96c99e2de",
+    "brcmfmac43436s-sdio.txt": "37a8b85a5a9742761101b764a07bc4d0c8b09f2e180eaea3b503a834277ad595",
+}
+# The names brcmfmac asks for on a Zero 2 W (board-specific first, then generic), and the file each one is in
+# Raspberry Pi's package (the same links that package makes).
+FIRMWARE_LINKS = {
+    "brcmfmac43430b0-sdio.raspberrypi,model-zero-2-w.bin": "brcmfmac43436-sdio.bin",
+    "brcmfmac43430b0-sdio.raspberrypi,model-zero-2-w.clm_blob": "brcmfmac43436-sdio.clm_blob",
+    "brcmfmac43430b0-sdio.raspberrypi,model-zero-2-w.txt": "brcmfmac43436-sdio.txt",
+    "brcmfmac43430b0-sdio.bin": "brcmfmac43436-sdio.bin",
+    "brcmfmac43430b0-sdio.clm_blob": "brcmfmac43436-sdio.clm_blob",
+    "brcmfmac43430b0-sdio.txt": "brcmfmac43436-sdio.txt",
+    "brcmfmac43430-sdio.raspberrypi,model-zero-2-w.bin": "brcmfmac43436s-sdio.bin",
+    "brcmfmac43430-sdio.raspberrypi,model-zero-2-w.txt": "brcmfmac43436s-sdio.txt",
+}
+FIRMWARE_DIR = ROOT / "lib/firmware/brcm"
+CARD_FIRMWARE_DIR = BOOT_FILE.parent / "brcm"
+KMSG = Path("/dev/kmsg")
+SYS_NET = Path("/sys/class/net")
+SYS_SDIO = Path("/sys/bus/sdio/devices")
+BROADCOM_SDIO_VENDOR = "0x02d0"
+CHIP_RE = re.compile(r"brcmf_fw_alloc_request: using brcm/(\S+) for chip (\S+)")
+FW_FAIL_RE = re.compile(r"Direct firmware load for brcm/(\S+) failed|brcmf_sdio_firmware_callback: failed")
+
+
+def install_card_firmware() -> List[str]:
+    """Copy known Wi-Fi firmware from the card's brcm/ folder into /lib/firmware/brcm (once; the card's
+    copy stays) and make the links brcmfmac asks for. Returns what was done, for the status."""
+    done: List[str] = []
+    if not CARD_FIRMWARE_DIR.is_dir():
+        return done
+    for src in sorted(CARD_FIRMWARE_DIR.iterdir()):
+        if src.name.startswith("README"):
+            continue  # the image's own note on what goes in the folder
+        if src.name not in FIRMWARE_SHA256:
+            done.append(f"brcm/{src.name}: not a file this image knows; ignored")
+            continue
+        data = src.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        verified = digest == FIRMWARE_SHA256[src.name]
+        dest = FIRMWARE_DIR / src.name
+        if dest.exists() and dest.read_bytes() == data:
+            continue
+        FIRMWARE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.new")
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+        check = "verified" if verified else f"UNKNOWN {digest[:16]}..., not the documented version"
+        done.append(f"installed {src.name} from the card (sha256 {check})")
+    for link, target in FIRMWARE_LINKS.items():
+        path = FIRMWARE_DIR / link
+        if (FIRMWARE_DIR / target).exists() and not path.exists() and not path.is_symlink():
+            path.symlink_to(target)
+    return done
+
+
+def kernel_log() -> str:
+    """The kernel's message buffer (/dev/kmsg, non-blocking; the text part of each record)."""
+    out: List[str] = []
+    try:
+        fd = os.open(str(KMSG), os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # EPIPE: a record was overwritten while reading; go on with the next
+            if not rec:
+                break
+            out.append(rec.decode("utf-8", "replace").split(";", 1)[-1].rstrip("\n"))
+    finally:
+        os.close(fd)
+    return "\n".join(out)
+
+
+def broadcom_sdio_present() -> bool:
+    """Is a Broadcom SDIO function (the Wi-Fi chip) on the bus?"""
+    try:
+        return any((d / "vendor").read_text().strip() == BROADCOM_SDIO_VENDOR for d in SYS_SDIO.iterdir())
+    except OSError:
+        return False
+
+
+def wlan_interface() -> Optional[str]:
+    """The first wireless interface (wlan0 with net.ifnames=0), or None."""
+    try:
+        return next((d.name for d in sorted(SYS_NET.iterdir()) if (d / "wireless").exists()), None)
+    except OSError:
+        return None
+
+
+def wifi_state(log_text: str, chip_present: bool, iface: Optional[str], configured: bool) -> Dict[str, object]:
+    """Judge the Wi-Fi from what the kernel said (pure: tests feed it kernel logs)."""
+    chips = CHIP_RE.findall(log_text)
+    fw, chip = chips[-1] if chips else (None, None)
+    failed = bool(FW_FAIL_RE.search(log_text))
+    doc: Dict[str, object] = {"chip": chip, "firmware": fw, "interface": iface, "configured": configured}
+    if iface:
+        doc["state"] = "ok"
+        doc["messages"] = [] if configured else [
+            f"Wi-Fi ({chip or 'radio'}) works but is not configured: put wifi_ssid, wifi_passphrase and "
+            "wifi_country in memento-edge.txt"]
+    elif (chip or chip_present) and not failed:
+        doc["state"] = "no-interface"
+        doc["messages"] = [f"No Wi-Fi: the chip {chip or '(Broadcom SDIO)'} is there but no wireless interface "
+                           "appeared (is the brcmfmac driver loaded? see `journalctl -k`)"]
+    elif failed:
+        doc["state"] = "firmware-missing"
+        need = "brcmfmac43436-sdio.bin, .clm_blob and .txt" if fw and "43430b0" in fw else \
+            "the firmware for this chip"
+        doc["messages"] = [
+            f"No Wi-Fi: the chip {chip or '(Broadcom SDIO)'} found no firmware ({fw or 'brcmfmac'}). Debian does "
+            f"not ship it. Copy {need} from Raspberry Pi's firmware-nonfree (see image/README.md) into the folder "
+            "brcm/ of the boot partition and restart"]
+    else:
+        doc["state"] = "no-chip"
+        doc["messages"] = []
+    return doc
+
+
+# --- Raspberry Pi Imager's OS customisation --------------------------------------------------------------------
+# What Imager writes to the FAT partition (rpi-imager src/downloadthread.cpp, customization_generator.cpp):
+# - "cloudinit" images (Imager 2.x, with a manifest that says so): user-data (#cloud-config: hostname,
+#   timezone, keyboard, user: {name, passwd, ssh_authorized_keys}), network-config (netplan v2: wifis.wlan0.
+#   access-points.{"SSID": {password: 64-hex PBKDF2 PSK or none, hidden}}, regulatory-domain), meta-data
+#   (instance-id), and " cfg80211.ieee80211_regdom=CC ds=nocloud;i=ID" appended to cmdline.txt.
+# - "systemd" images (what Imager 1.x assumes for any local image file): firstrun.sh, and " systemd.run=
+#   /boot/firstrun.sh systemd.run_success_action=reboot systemd.unit=kernel-command-line.target" appended to
+#   cmdline.txt. Run as is it would rename our admin user, write a WPA-PSK+SAE config and, because our FAT
+#   partition is /boot/firmware, leave the device booting into kernel-command-line.target for ever. So it is
+#   read, never run: the settings are taken from it, the cmdline entries removed, and the device restarts.
+# Both are mapped onto memento-edge.txt keys and go through the same checks (all or nothing).
+IMAGER_CMDLINE_DROP = ("systemd.run=", "systemd.run_success_action=", "systemd.unit=kernel-command-line.target")
+PUBKEY_RE = re.compile(r"(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
+                       r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+(?: [^'\"\n]*)?")
+
+
+def _octets(ssid: str) -> str:
+    """Imager escapes each UTF-8 byte of a non-ASCII SSID as \\xHH, which YAML reads as U+00HH: undo that."""
+    try:
+        return ssid.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return ssid
+
+
+def _cmdline_country(cmdline: str) -> Optional[str]:
+    m = re.search(r"\bcfg80211\.ieee80211_regdom=([A-Za-z]{2})\b", cmdline)
+    return m.group(1).upper() if m else None
+
+
+def imager_cloud_init(user_data: str, network_config: str, cmdline: str) -> Tuple[Parsed, List[str]]:
+    """memento-edge.txt lines equivalent to Imager's cloud-init files, and what is not honoured."""
+    out, ignored = Parsed(), []  # type: Tuple[Parsed, List[str]]
+    try:
+        ud = yaml.safe_load(user_data) if user_data.strip() else {}
+        nc = yaml.safe_load(network_config) if network_config.strip() else {}
+    except yaml.YAMLError as exc:
+        out.errors.append(f"Imager's user-data/network-config is not valid YAML: {str(exc).splitlines()[0]}")
+        return out, ignored
+    ud = ud if isinstance(ud, dict) else {}
+    nc = nc if isinstance(nc, dict) else {}
+
+    def add(key: str, value: object) -> None:
+        if value not in (None, ""):
+            out.lines.append(Line(0, key, str(value).strip()))
+
+    add("hostname", ud.get("hostname"))
+    add("timezone", ud.get("timezone"))
+    users = [ud["user"]] if isinstance(ud.get("user"), dict) else []
+    users += [u for u in (ud.get("users") or []) if isinstance(u, dict)]
+    for u in users:
+        for key in (u.get("ssh_authorized_keys") or u.get("ssh-authorized-keys") or []):
+            add("ssh_authorized_key", key)
+        if u.get("name") and u.get("name") != ADMIN_USER:
+            ignored.append(f"user name {u['name']!r} (the account is {ADMIN_USER}; your SSH key is installed there)")
+        if u.get("passwd"):
+            ignored.append("password (no account has one: SSH by key only)")
+    if ud.get("keyboard"):
+        ignored.append("keyboard layout")
+    if ud.get("ssh_pwauth") is True:
+        ignored.append("SSH password login")
+    for ap_iface in ((nc.get("network") or {}).get("wifis") or {}).values():
+        aps = (ap_iface or {}).get("access-points") or {}
+        for ssid, ap in list(aps.items())[:1]:
+            ap = ap or {}
+            add("wifi_ssid", _octets(str(ssid)))
+            add("wifi_country", ap_iface.get("regulatory-domain") or _cmdline_country(cmdline))
+            if ap.get("password"):
+                add("wifi_passphrase", ap["password"])
+            else:
+                add("wifi_security", "open")
+            if ap.get("hidden"):
+                add("wifi_hidden", "yes")
+        break
+    return out, ignored
+
+
+def imager_firstrun(script: str, cmdline: str) -> Tuple[Parsed, List[str]]:
+    """memento-edge.txt lines equivalent to Imager's firstrun.sh (read, never run), and what is not honoured."""
+    out, ignored = Parsed(), []
+    seen = set()
+
+    def add(key: str, value: str) -> None:
+        if value and (key, value) not in seen:
+            seen.add((key, value))
+            out.lines.append(Line(0, key, value))
+
+    for raw in script.splitlines():
+        try:
+            words = shlex.split(raw)
+        except ValueError:
+            continue
+        if len(words) > 1 and words[0].endswith("/imager_custom"):
+            cmd, args = words[1], words[2:]
+        elif len(words) > 1 and words[0].endswith("/userconf"):
+            cmd, args = "userconf", words[1:]
+        else:
+            continue
+        if cmd == "set_hostname" and args:
+            add("hostname", args[0])
+        elif cmd == "set_timezone" and args:
+            add("timezone", args[0])
+        elif cmd == "set_keymap":
+            ignored.append("keyboard layout")
+        elif cmd == "set_wlan":
+            rest = [a for a in args if not a.startswith("-")]
+            if len(rest) >= 2:
+                add("wifi_ssid", rest[0])
+                add("wifi_passphrase", rest[1])
+                add("wifi_country", rest[2] if len(rest) > 2 else (_cmdline_country(cmdline) or ""))
+                if "-h" in args:
+                    add("wifi_hidden", "yes")
+        elif cmd == "userconf":
+            if args[0] != ADMIN_USER:
+                ignored.append(f"user name {args[0]!r} (the account is {ADMIN_USER}; your SSH key is installed there)")
+            if len(args) > 1 and args[1]:
+                ignored.append("password (no account has one: SSH by key only)")
+    for key in PUBKEY_RE.findall(script):
+        add("ssh_authorized_key", key.strip())
+    if "set_wlan" not in script and "WPAEOF" in script:
+        block = script.split("WPAEOF", 2)[1]
+        m_ssid = re.search(r'^\s*ssid=(?:hex:([0-9a-fA-F]+)|"(.*)")\s*$', block, flags=re.M)
+        m_psk = re.search(r"^\s*psk=(\S+)\s*$", block, flags=re.M)
+        m_cc = re.search(r"^country=([A-Za-z]{2})\s*$", block, flags=re.M)
+        ssid: Optional[str] = None
+        if m_ssid and m_ssid.group(1):
+            try:
+                ssid = bytes.fromhex(m_ssid.group(1)).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                out.errors.append("Imager's Wi-Fi network name is not UTF-8 text; this image cannot use it: "
+                                  "put wifi_ssid etc. in memento-edge.txt (or rename the network)")
+        elif m_ssid:
+            ssid = m_ssid.group(2).replace('\\"', '"').replace("\\\\", "\\")
+        if ssid is not None:
+            add("wifi_ssid", ssid)
+            add("wifi_country", m_cc.group(1) if m_cc else (_cmdline_country(cmdline) or ""))
+            if m_psk:
+                add("wifi_passphrase", m_psk.group(1).strip('"'))
+            else:
+                add("wifi_security", "open")
+            if re.search(r"^\s*scan_ssid=1", block, flags=re.M):
+                add("wifi_hidden", "yes")
+    return out, sorted(set(ignored))
+
+
+def clean_cmdline(cmdline: str) -> str:
+    """cmdline.txt without Imager's firstrun.sh entries (the rest, its regulatory domain included, stays)."""
+    words = [w for w in cmdline.split() if not w.startswith(IMAGER_CMDLINE_DROP)]
+    return " ".join(words) + "\n"
+
+
 # --- status and summary -----------------------------------------------------------------------------------
 def write_status(doc: Dict[str, object]) -> None:
     """The status file memento_edge/device.py reads (no secrets: where the token is, never the token)."""
@@ -523,6 +811,28 @@ def write_status(doc: Dict[str, object]) -> None:
         log(f"could not write {STATUS_FILE}: {exc}")
 
 
+def read_status() -> Dict[str, object]:
+    """The status this boot has written so far (empty when none)."""
+    try:
+        doc = json.loads(STATUS_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def usb_link() -> Optional[Dict[str, str]]:
+    """{address, subnet} of the USB gadget link from its networkd file, or None when the image has none."""
+    try:
+        text = USB_NETWORK.read_text()
+    except OSError:
+        return None
+    m = re.search(r"^Address=(\S+)", text, flags=re.M)
+    if not m:
+        return None
+    iface = ipaddress.ip_interface(m.group(1))
+    return {"address": str(iface.ip), "subnet": str(iface.network)}
+
+
 def current_hostname() -> str:
     """The static hostname the device will have after this run."""
     try:
@@ -531,22 +841,35 @@ def current_hostname() -> str:
         return "memento-edge"
 
 
+def _section_lines(name: str, sec: Dict[str, object]) -> List[str]:
+    if sec.get("state") == "refused":
+        return [f"{name} was NOT applied (nothing changed); fix it on the card and restart:"] + \
+            [f"  - {e}" for e in cast(List[str], sec["errors"])]
+    if sec.get("state") == "applied":
+        out = [f"{name} applied: " + "; ".join(cast(List[str], sec["applied"]))]
+        if sec.get("not_honoured"):
+            out.append(f"{name}: not used by this image: " + "; ".join(cast(List[str], sec["not_honoured"])))
+        return out
+    return []
+
+
 def summary_lines(status: Dict[str, object], token: Optional[str]) -> Tuple[List[str], List[str]]:
     """The first-boot summary: (lines, the console-only line with a token generated in this boot)."""
     host = status["hostname"]
-    fb = status["firstboot"]
-    assert isinstance(fb, dict)
-    lines = [f"hostname {host}: http://{host}.local:8077/ (Wi-Fi or USB), http://{USB_ADDRESS}:8077/ over "
-             f"the USB cable (OTG port), ssh admin@{host}.local"]
-    if fb["state"] == "refused":
-        lines.append(f"{BOOT_FILE.name} was NOT applied (nothing changed), fix it on the card and reboot:")
-        lines += [f"  - {e}" for e in fb["errors"]]  # type: ignore[union-attr]
-    elif fb["state"] == "applied":
-        lines.append(f"{BOOT_FILE.name} applied: " + "; ".join(fb["applied"]))  # type: ignore[arg-type]
-    else:
+    usb = cast(Optional[Dict[str, str]], status.get("usb"))
+    where = f", http://{usb['address']}:8077/ over the USB cable (OTG port)" if usb else ""
+    lines = [f"hostname {host}: http://{host}.local:8077/{where}, ssh admin@{host}.local"]
+    imager = cast(Dict[str, object], status.get("imager") or {})
+    lines += _section_lines(f"Raspberry Pi Imager's settings ({imager.get('source')})", imager)
+    fb = cast(Dict[str, object], status["firstboot"])
+    lines += _section_lines(BOOT_FILE.name, fb)
+    if fb.get("state") == "absent" and imager.get("state") in (None, "absent"):
         lines.append(f"no {BOOT_FILE.name} on the boot partition (see memento-edge.txt.example there)")
+    wifi = cast(Dict[str, object], status.get("wifi") or {})
+    lines += cast(List[str], wifi.get("firmware_from_card") or [])
     if status.get("token_file"):
-        lines.append(f"API token: on http://{USB_ADDRESS}:8077/ over the USB cable, or sudo cat {TOKEN_FILE}")
+        page = f"on http://{usb['address']}:8077/ over the USB cable, or " if usb else ""
+        lines.append(f"API token: {page}sudo cat {TOKEN_FILE}")
     secret = [f"new API token (shown once on this console): {token}"] if token else []
     return lines, secret
 
@@ -570,8 +893,46 @@ def decode(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def main() -> int:
-    """Apply the first-boot file if present, make sure the service has a token, report on every channel."""
+def _read(path: Path) -> str:
+    try:
+        return decode(path.read_bytes())
+    except OSError:
+        return ""
+
+
+def run_imager() -> Tuple[Dict[str, object], bool]:
+    """Apply what Raspberry Pi Imager left on the card, if anything. Returns (status section, whether to
+    restart: this boot was started into kernel-command-line.target by Imager's firstrun.sh entries)."""
+    boot = BOOT_FILE.parent
+    firstrun, cmdline_txt = boot / "firstrun.sh", boot / "cmdline.txt"
+    cloud = [boot / "user-data", boot / "network-config", boot / "meta-data"]
+    cmdline = _read(cmdline_txt)
+    if firstrun.exists():
+        source, (parsed, ignored) = "firstrun.sh", imager_firstrun(_read(firstrun), cmdline)
+    elif any(f.exists() for f in cloud[:2]):
+        source, (parsed, ignored) = "cloud-init", imager_cloud_init(_read(cloud[0]), _read(cloud[1]), cmdline)
+    else:
+        return {"state": "absent"}, False
+    restart = False
+    if any(w.startswith(IMAGER_CMDLINE_DROP) for w in cmdline.split()):
+        # Whatever the settings say, never leave the card booting into kernel-command-line.target.
+        atomic_write(cmdline_txt, clean_cmdline(cmdline), 0o644)
+        restart = IMAGER_CMDLINE_DROP[2] in _read(Path("/proc/cmdline"))
+    p, errors = plan(parsed)
+    section: Dict[str, object] = {"source": source, "not_honoured": ignored}
+    if errors:
+        return {**section, "state": "refused", "errors": errors, "applied": []}, restart
+    done, _ = apply(p)
+    for f in [firstrun] + cloud:   # they hold the Wi-Fi PSK and a password hash
+        if f.exists():
+            f.unlink()
+    return {**section, "state": "applied", "errors": [], "applied": done}, restart
+
+
+def firstboot_main() -> int:
+    """Wi-Fi firmware from the card, Imager's settings, memento-edge.txt, a token; report on every channel."""
+    firmware = install_card_firmware()
+    imager, restart = run_imager()
     section: Dict[str, object] = {"state": "absent", "errors": [], "applied": []}
     generated = None
     if BOOT_FILE.exists():
@@ -588,13 +949,55 @@ def main() -> int:
     generated = ensure_some_token() or generated
     status: Dict[str, object] = {
         "version": 1, "updated": int(time.time()), "hostname": current_hostname(),
-        "firstboot": {"file": str(BOOT_FILE), **section},
+        "firstboot": {"file": str(BOOT_FILE), **section}, "imager": imager,
+        "wifi": {"state": "not-checked", "firmware_from_card": firmware, "messages": []},
         "token_file": str(TOKEN_FILE) if TOKEN_FILE.exists() else None,
-        "usb": {"address": USB_ADDRESS, "subnet": USB_SUBNET},
+        "usb": usb_link(),
     }
     write_status(status)
     announce(*summary_lines(status, generated))
+    if restart and _live():
+        announce(["restarting once to leave the boot mode Raspberry Pi Imager's firstrun.sh set"], [])
+        subprocess.run(["systemctl", "reboot", "--no-block"], check=False)
     return 0
+
+
+def wifi_main(timeout: float = 60.0, poll: float = 2.0) -> int:
+    """Wait (bounded) for the Wi-Fi chip to come up or fail, reload the driver once when firmware was added
+    from the card in this boot, and report the state on every channel."""
+    start = time.monotonic()
+    reloaded = False
+    configured = (ROOT / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").exists()
+    while True:
+        log_text, present = kernel_log(), broadcom_sdio_present()
+        doc = wifi_state(log_text, present, wlan_interface(), configured)
+        fw = str(doc.get("firmware") or "")
+        if doc["state"] == "firmware-missing" and not reloaded and fw and any(
+                (FIRMWARE_DIR / f"{fw}{sfx}").exists() for sfx in (".bin", ".raspberrypi,model-zero-2-w.bin")):
+            subprocess.run(["modprobe", "-r", "brcmfmac"], check=False)
+            subprocess.run(["modprobe", "brcmfmac"], check=False)
+            reloaded = True
+            continue
+        elapsed = time.monotonic() - start
+        settled = doc["state"] == "ok" or (doc["state"] == "no-chip" and elapsed > 20) or \
+            (doc["state"] == "firmware-missing" and elapsed > 10)
+        if settled or elapsed > timeout:
+            break
+        time.sleep(poll)
+    status = read_status()
+    previous = cast(Dict[str, object], status.get("wifi") or {})
+    doc["firmware_from_card"] = previous.get("firmware_from_card", [])
+    status["wifi"] = doc
+    write_status(status)
+    announce([f"Wi-Fi: {doc['state']}" + (f" ({doc['chip']})" if doc.get("chip") else "")]
+             + cast(List[str], doc["messages"]), [])
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``--wifi``: the Wi-Fi check (memento-edge-wifi.service); otherwise the first-boot run."""
+    args = sys.argv[1:] if argv is None else argv
+    return wifi_main() if "--wifi" in args else firstboot_main()
 
 
 if __name__ == "__main__":
