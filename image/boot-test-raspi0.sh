@@ -1,45 +1,62 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2154,SC2034  # work, netdev, ... come from boot-test.sh, which reads what this sets
-# The Pi Zero / Zero W half of image/boot-test.sh: boot the zero-w image under `qemu-system-arm -M raspi0`
-# (BCM2835, ARM1176JZF-S, 512 MB). Sourced by boot-test.sh, which sets work, total_timeout, netdev, p1_start
-# and extracted $work/vmlinuz + $work/initrd.img from the image's root filesystem.
+# The Raspberry Pi machines of image/boot-test.sh: the zero-w image under `qemu-system-arm -M raspi0`
+# (BCM2835, ARM1176JZF-S, 512 MB), and, opt-in (MEMENTO_BOOT_MACHINE=raspi3b), the zero2w image under
+# `qemu-system-aarch64 -M raspi3b` (BCM2837, the Zero 2 W's SoC family: 4x Cortex-A53; QEMU gives it 1 GB,
+# the command line caps Linux at the Zero 2 W's 512 MB less gpu_mem=16). Sourced by boot-test.sh, which sets
+# work, total_timeout, netdev, p1_start and extracted $work/vmlinuz + $work/initrd.img from the image.
 #
-# What QEMU's raspi0 does instead of the Pi's firmware: it loads the kernel, the initrd and the device tree
-# itself (no bootcode.bin/start.elf, no config.txt; it writes the memory size, the command line and the
-# initrd's place into the tree's /chosen as the firmware would), so the test passes the same kernel, initrd
-# and Zero W tree (bcm2708-rpi-zero-w.dtb, the copy raspi-firmware's hook puts on the FAT partition) by hand.
+# What QEMU's raspi machines do instead of the Pi's firmware: they load the kernel, the initrd and the device
+# tree themselves (no bootcode.bin/start.elf, no config.txt; QEMU writes the memory size, the command line and
+# the initrd's place into the tree's /chosen as the firmware would), so the test passes the same kernel, initrd
+# and board tree ($BOARD_DTB, the copy raspi-firmware's hook puts on the FAT partition) by hand, root on the
+# emulated SD card by LABEL from cmdline.txt.
 
-# raspi0_prepare: the device tree, the command line, the card, $qemu_desc and $dtb_patch (what was changed in
-# the tree, and why).
-raspi0_prepare() {
+# raspi_prepare: the device tree, the command line, the card and $dtb_patch (what was changed in the tree,
+# and why). The two changes hold for the BCM2835 and BCM2837 trees alike (same PM and USB nodes).
+raspi_prepare() {
   local size pow=1 fat="$work/disk.img@@$((p1_start * 512))"
-  MTOOLS_SKIP_CHECK=1 mcopy -n -i "$fat" ::/bcm2708-rpi-zero-w.dtb "$work/raspi0.dtb"
+  MTOOLS_SKIP_CHECK=1 mcopy -n -i "$fat" "::/$BOARD_DTB" "$work/raspi.dtb"
   # The command line the firmware would pass (raspi-firmware's hook wrote it from /etc/default/raspi-firmware).
   MTOOLS_SKIP_CHECK=1 mcopy -n -i "$fat" ::/cmdline.txt "$work/cmdline.txt"
   # 1. QEMU maps no BCM2835 AXI bridge (ASB, 0x7e00a000): with it in the PM node's registers, Linux's
   #    bcm2835-power driver reads it at probe and dies with an external abort ("Internal error: : 8 ...
   #    PC is at bcm2835_power_probe", measured with 6.1.0-rpi). Without the "asb" range the PM driver only
   #    registers the watchdog, which is what QEMU emulates.
-  fdtput -t x "$work/raspi0.dtb" /soc/watchdog@7e100000 reg 7e100000 114
-  fdtput -t s "$work/raspi0.dtb" /soc/watchdog@7e100000 reg-names pm
-  # 2. QEMU's dwc2 model is a USB host port only; the Zero W tree declares the port "otg" (the board's
-  #    firmware overlays may turn it into a USB gadget). As "host", the test's USB Ethernet device (QEMU has no
-  #    emulated Wi-Fi chip) gives the guest its network.
-  fdtput -t s "$work/raspi0.dtb" /soc/usb@7e980000 dr_mode host
+  fdtput -t x "$work/raspi.dtb" /soc/watchdog@7e100000 reg 7e100000 114
+  fdtput -t s "$work/raspi.dtb" /soc/watchdog@7e100000 reg-names pm
+  # 2. QEMU's dwc2 model is a USB host port only; the Zero trees declare the port "otg" (on the board it is
+  #    the USB gadget's port). As "host", the test's USB Ethernet device (QEMU has no emulated Wi-Fi chip)
+  #    gives the guest its network; the guest names it usb0 and gives it the gadget's address, 10.55.0.1.
+  fdtput -t s "$work/raspi.dtb" /soc/usb@7e980000 dr_mode host
   dtb_patch="PM node without the ASB register range (QEMU does not map it; bcm2835-power aborts reading it); USB port dr_mode otg -> host (QEMU's dwc2 is a host-only model; the network is a USB Ethernet device on it)"
   # QEMU's SD card model takes only sizes that are a power of two.
   size=$(stat -c %s "$work/disk.img")
   while [ "$pow" -lt "$size" ]; do pow=$((pow * 2)); done
   truncate -s "$pow" "$work/disk.img"
-  qemu_desc="qemu-system-arm -M raspi0 (BCM2835, ARM1176, 512 MB of which QEMU keeps 64 MB as VideoCore RAM; USB Ethernet on dwc2)"
 }
 
 # raspi0_start: boot in the background; sets $qemu_pid. The console is the Zero W's GPIO UART, the mini UART
 # (ttyS1, QEMU's second serial port); the PL011 drives Bluetooth under this tree.
 raspi0_start() {
+  qemu_desc="qemu-system-arm -M raspi0 (BCM2835, ARM1176, 512 MB of which QEMU keeps 64 MB as VideoCore RAM; USB Ethernet on dwc2)"
   timeout "$total_timeout" qemu-system-arm -M raspi0 \
-    -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi0.dtb" \
+    -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi.dtb" \
     -append "$(tr -d '\n' < "$work/cmdline.txt") systemd.show_status=1" \
+    -drive "file=$work/disk.img,format=raw,if=sd,cache=unsafe" \
+    -netdev "$netdev" -device usb-net,netdev=n0 \
+    -display none -serial null -serial "file:$work/serial.log" -monitor none -no-reboot &
+  qemu_pid=$!
+}
+
+# raspi3b_start: the Zero 2 W image on QEMU's BCM2837 board; sets $qemu_pid. The Zero 2 W's GPIO UART is the
+# mini UART (ttyS1, QEMU's second serial port). mem=496M: the RAM Linux gets on the board (512 MB less
+# gpu_mem=16); QEMU's raspi3b has 1 GB and no option to shrink it.
+raspi3b_start() {
+  qemu_desc="qemu-system-aarch64 -M raspi3b (BCM2837, 4x Cortex-A53, 1 GB capped to 496 MB by mem=; USB Ethernet on dwc2)"
+  timeout "$total_timeout" qemu-system-aarch64 -M raspi3b \
+    -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi.dtb" \
+    -append "$(tr -d '\n' < "$work/cmdline.txt") mem=496M systemd.show_status=1" \
     -drive "file=$work/disk.img,format=raw,if=sd,cache=unsafe" \
     -netdev "$netdev" -device usb-net,netdev=n0 \
     -display none -serial null -serial "file:$work/serial.log" -monitor none -no-reboot &

@@ -8,7 +8,10 @@
 # 3. boots the image's own kernel and initrd, user-mode networking restricted to two hostfwd ports on
 #    127.0.0.1 (the guest reaches nothing else). The board comes from the image's name (image/boards.sh):
 #    zero2w: `qemu-system-aarch64 -M virt -cpu cortex-a53 -m 512 -smp 4`, kernel + initrd read from the
-#            ext4 partition with debugfs, virtio disk and network;
+#            ext4 partition with debugfs, virtio disk and network, the board's cma=, and QEMU's usb-net as
+#            usb0 on the USB cable's 10.55.0.0/29 (address, DHCP server, avahi and the service checked on it);
+#            MEMENTO_BOOT_MACHINE=raspi3b (opt-in): `qemu-system-aarch64 -M raspi3b` with the Zero 2 W tree,
+#            as zero-w below;
 #    zero-w: `qemu-system-arm -M raspi0` (BCM2835, ARM1176, 512 MB) with the kernel, initrd and Zero W
 #            device tree the Pi's firmware would load from the FAT partition, the card as an SD card
 #            (its size rounded up to a power of two, which QEMU's SD model requires), the console on the
@@ -40,7 +43,7 @@ while [ $# -gt 0 ]; do
     --mix) mix="$2"; shift 2 ;;
     --provision) provision=1; shift ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) img="$1"; shift ;;
   esac
 done
@@ -55,6 +58,7 @@ if [ "$board" = zero-w ]; then default_timeout=7200; else default_timeout=2400; 
 work="${MEMENTO_BOOT_WORK:-$here/out/boot-test}"
 total_timeout="${MEMENTO_BOOT_TIMEOUT:-$default_timeout}"
 http_port="${MEMENTO_BOOT_HTTP_PORT:-18077}"
+usb_port="${MEMENTO_BOOT_USB_PORT:-18078}"
 ssh_port="${MEMENTO_BOOT_SSH_PORT:-12222}"
 py="${MEMENTO_HOST_PYTHON:-$repo/.venv/bin/python}"
 export BT_RESULTS="${BT_RESULTS:-$repo/bench/results}"
@@ -98,21 +102,40 @@ log "kernel $kver; image $(basename "$img"); board $board"
 
 # --- boot ------------------------------------------------------------------------------------------------------
 netdev="user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$http_port-:8077,hostfwd=tcp:127.0.0.1:$ssh_port-:22"
+# The USB cable's network (image/files/etc/systemd/network/10-usb-gadget.network): QEMU plays the laptop,
+# 10.55.0.2, and the device must answer on its static 10.55.0.1 (slirp's guest address is given per forward).
+usbnet="restrict=on,ipv6=off,net=10.55.0.0/29,host=10.55.0.2,dns=10.55.0.3,dhcpstart=10.55.0.4"
 t_boot=$(date +%s)
-if [ "$board" = zero-w ]; then
+machine="${MEMENTO_BOOT_MACHINE:-}"   # zero2w: virt (default, CI) or raspi3b (opt-in, closer to the board)
+[ "$board" = zero-w ] && machine=raspi0
+case "$machine" in ""|virt) machine="" ;; raspi0|raspi3b) ;; *) echo "unknown MEMENTO_BOOT_MACHINE: $machine" >&2; exit 2 ;; esac
+if [ -n "$machine" ]; then
+  # The only NIC is QEMU's usb-net on the dwc2 port, which the guest names usb0: the USB cable's network.
+  netdev="user,id=n0,$usbnet,hostfwd=tcp:127.0.0.1:$http_port-10.55.0.1:8077,hostfwd=tcp:127.0.0.1:$ssh_port-10.55.0.1:22"
+  export BT_USB_URL="http://127.0.0.1:$http_port"
   # shellcheck source=image/boot-test-raspi0.sh
   source "$here/boot-test-raspi0.sh"
-  raspi0_prepare        # -> $work/raspi0.dtb, the card padded to a power of two, $qemu_desc
-  raspi0_start          # -> $qemu_pid
+  raspi_prepare              # -> $work/raspi.dtb, $work/cmdline.txt, the card padded to a power of two
+  "${machine}_start"         # -> $qemu_desc, $qemu_pid
 else
-  qemu_desc="qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512"
+  # The board's cma= (raspi-firmware's CMA=, which the Pi's cmdline.txt carries); MEMENTO_BOOT_CMA= (empty)
+  # boots with the kernel's default instead, to measure what the setting gains.
+  cma="${MEMENTO_BOOT_CMA-$(sed -n 's/^CMA=//p' "$(board_file "$board" "$here" etc/default/raspi-firmware)")}"
+  qemu_desc="qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512${cma:+ cma=$cma}"
+  # A second NIC stands in for the USB gadget: QEMU's usb-net (CDC ECM) on an xHCI port, which Linux names
+  # usb0 (a locally administered MAC; net.ifnames=0 keeps the kernel's name, as on the board, where
+  # 10-usb-gadget.link pins it). Its slirp network is the cable's 10.55.0.0/29 with QEMU as the laptop,
+  # 10.55.0.2, and forwards $usb_port to the device's 10.55.0.1:8077, so the service must answer there.
+  usbnet="user,id=n1,$usbnet,hostfwd=tcp:127.0.0.1:$usb_port-10.55.0.1:8077"
   timeout "$total_timeout" qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 4 -m 512 \
     -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
-    -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0,115200 systemd.show_status=1" \
+    -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0,115200 systemd.show_status=1 net.ifnames=0${cma:+ cma=$cma}" \
     -drive "file=$work/disk.img,format=raw,if=none,id=d0,cache=unsafe" -device virtio-blk-pci,drive=d0 \
     -netdev "$netdev" -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
+    -netdev "$usbnet" -device qemu-xhci -device usb-net,netdev=n1,mac=52:54:00:55:00:01 \
     -display none -serial "file:$work/serial.log" -monitor none -no-reboot &
   qemu_pid=$!
+  export BT_USB_URL="http://127.0.0.1:$usb_port"
 fi
 deadline=$((t_start + total_timeout - 60))
 
@@ -151,6 +174,7 @@ case "$(basename "$img")" in
   *-reduced.img) stem="image-reduced-qemu" ;;
   *) stem="image-qemu" ;;
 esac
+[ "$machine" = raspi3b ] && stem="image-raspi3b-qemu"
 export BT_STEM="$stem"
 "$py" - <<'EOF'
 import datetime, json, os, platform, subprocess
@@ -199,7 +223,22 @@ lines = [
     f"| requests: errors | {client['errors']} |",
     f"| request latency p50 / p95 (emulated) | {client['latency_ms_p50']} / {client['latency_ms_p95']} ms |",
     f"| request mix | {client['mix']} |",
+    f"| kernel cma= / CmaTotal | {client['memory']['cmdline_cma']} / {mb(client['memory']['meminfo_kb'].get('CmaTotal'))} |",
+    f"| MemTotal / MemAvailable (idle, before load) | {mb(client['memory']['meminfo_kb']['MemTotal'])} / {mb(client['memory']['meminfo_kb']['MemAvailable'])} |",
+    f"| swap | {client['memory']['swaps'] or 'none'} |",
 ]
+if client.get("usb"):
+    u = client["usb"]
+    lines += ["", "USB cable path (QEMU usb-net named usb0 standing in for the gadget): "
+              f"usb0 {u['usb0_addr']}, DHCP server socket {u['dhcp_server_socket']}, avahi: \"{u['avahi_usb0']}\", "
+              f"GET /healthz via 10.55.0.1: {u['healthz_over_usb0']}"]
+lines += ["", "First-boot summary (journal of memento-edge-firstboot; the consoles got the same lines):", "",
+          "```", client["firstboot_summary"], "```"]
+# The login banner as the serial console showed it last (agetty fills in the addresses).
+serial = (work / "serial.log").read_text(errors="replace") if (work / "serial.log").exists() else ""
+banner = [ln.strip() for ln in serial.splitlines() if "USB cable" in ln]
+if banner:
+    lines += ["", f"Login banner on the serial console: `{banner[-1]}`"]
 if doc["dtb_patch"]:
     lines += ["", f"Device tree patched for QEMU at test time: {doc['dtb_patch']}"]
 if doc["build"]:

@@ -73,6 +73,39 @@ def cgroup_kb(name: str) -> Optional[int]:
         return None
 
 
+def usb_checks() -> Dict[str, Any]:
+    """The USB cable path (BT_USB_URL: a port forwarded to 10.55.0.1:8077 through the usb0 stand-in NIC): usb0's
+    address, networkd's DHCP server bound to it, avahi answering mDNS on it, the service answering over it,
+    and no parse warnings about 10-usb-gadget.{network,link} from networkd or udev."""
+    out: Dict[str, Any] = {"usb0_addr": guest("ip -4 -o addr show dev usb0 | awk '{print $4}'")}
+    assert out["usb0_addr"] == "10.55.0.1/29", f"usb0: {out['usb0_addr']!r}"
+    # (only usb0's .network enables DHCPServer=, so networkd on port 67 is that server)
+    out["dhcp_server_socket"] = guest("sudo ss -Hulpn 'sport = :67' | awk '{print $4, $6}'")
+    assert ":67" in out["dhcp_server_socket"] and "systemd-network" in out["dhcp_server_socket"], \
+        f"no DHCP server from networkd: {out['dhcp_server_socket']!r}"
+    out["networkd_warnings"] = guest("sudo journalctl -b -u systemd-networkd -u systemd-udevd -o cat "
+                                     "| grep -E '10-usb-gadget[.](network|link):[0-9]' || true")
+    assert not out["networkd_warnings"], out["networkd_warnings"]
+    # (bounded wait: avahi joins the group when it sees the address, which may trail SSH being up)
+    out["avahi_usb0"] = guest("for i in $(seq 30); do sudo journalctl -b -u avahi-daemon -o cat "
+                              "| grep -m1 'usb0.IPv4 with address 10.55.0.1' && break; sleep 2; done; true")
+    assert out["avahi_usb0"], "avahi does not answer mDNS on usb0"
+    with urllib.request.urlopen(os.environ["BT_USB_URL"] + "/healthz", timeout=60) as resp:
+        out["healthz_over_usb0"] = resp.status
+    return out
+
+
+def memory_facts() -> Dict[str, Any]:
+    """The kernel command line's memory settings and what they leave: CMA, zram swap, MemTotal/MemAvailable."""
+    meminfo = dict(line.split(":", 1) for line in guest("cat /proc/meminfo").splitlines())
+    kb = {k: int(meminfo[k].split()[0]) for k in ("MemTotal", "MemAvailable", "CmaTotal", "SwapTotal")
+          if k in meminfo}
+    cmdline = guest("cat /proc/cmdline").split()
+    return {"cmdline_cma": next((a for a in cmdline if a.startswith("cma=")), "kernel default"),
+            "meminfo_kb": kb, "swaps": guest("swapon --show=NAME,TYPE,SIZE,PRIO --noheadings"),
+            "zram": guest("zramctl --output NAME,ALGORITHM,DISKSIZE,DATA,COMPR --noheadings || true")}
+
+
 def main() -> int:
     """Check the API, measure, load, measure again; print JSON."""
     out: Dict[str, Any] = {}
@@ -103,6 +136,11 @@ def main() -> int:
     out["root_fs_size"] = guest("df -h --output=size / | tail -1").strip()
     out["rss_kb_idle"] = service_rss_kb()
     out["unit_hardening"] = guest("systemd-analyze security memento-edge.service 2>/dev/null | tail -1")
+    if os.environ.get("BT_USB_URL"):
+        out["usb"] = usb_checks()
+    out["memory"] = memory_facts()
+    assert "zram0" in out["memory"]["swaps"], f"no zram swap: {out['memory']['swaps']!r}"
+    out["firstboot_summary"] = guest("sudo journalctl -b -u memento-edge-firstboot -o cat | grep -v 'new API token'")
 
     rng = random.Random(42)
     pool = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(QUERY_POOL)]

@@ -151,6 +151,15 @@ appliance() {
   install -m 0644 "$f/etc/ssh/sshd_config.d/memento-edge.conf" "$rootfs/etc/ssh/sshd_config.d/"
   install -D -m 0644 "$f/etc/systemd/system/ssh.service.d/hostkeys.conf" "$rootfs/etc/systemd/system/ssh.service.d/hostkeys.conf"
   install -m 0644 "$f"/etc/systemd/network/*.network "$rootfs/etc/systemd/network/"
+  # USB gadget Ethernet (started by udev when the OTG port's device controller appears), zram swap, the
+  # console's login banner with the addresses.
+  install -m 0644 "$f/usb-gadget/10-usb-gadget.network" "$f/usb-gadget/10-usb-gadget.link" "$rootfs/etc/systemd/network/"
+  install -m 0755 "$f/usb-gadget/memento-edge-usb-gadget.sh" "$rootfs/usr/local/lib/memento-edge/"
+  install -m 0644 "$f/usb-gadget/memento-edge-usb-gadget.service" "$rootfs/etc/systemd/system/"
+  install -D -m 0644 "$f/usb-gadget/90-memento-edge-usb-gadget.rules" "$rootfs/etc/udev/rules.d/90-memento-edge-usb-gadget.rules"
+  install -m 0644 "$f/etc/systemd/zram-generator.conf" "$rootfs/etc/systemd/zram-generator.conf"
+  install -D -m 0644 "$f/etc/sysctl.d/90-memento-edge-zram.conf" "$rootfs/etc/sysctl.d/90-memento-edge-zram.conf"
+  install -D -m 0644 "$f/etc/issue.d/memento-edge.issue" "$rootfs/etc/issue.d/memento-edge.issue"
   install -m 0440 "$f/etc/sudoers.d/admin" "$rootfs/etc/sudoers.d/admin"
   install -m 0644 "$f/dpkg-excludes.cfg" "$rootfs/etc/dpkg/dpkg.cfg.d/memento-edge-excludes"
   echo memento-edge > "$rootfs/etc/hostname"
@@ -183,7 +192,27 @@ boot_check() {
     grep -q 'root=LABEL=RASPIROOT' "$rootfs/boot/firmware/cmdline.txt" \
       || { log "cmdline.txt lacks root=LABEL=RASPIROOT"; exit 1; }
     compgen -G "$rootfs/boot/firmware/initrd.img-*" >/dev/null || { log "no initramfs on the boot partition"; exit 1; }
+    boot_files_check
   fi
+}
+
+# What the Pi's boot ROM and firmware read from the FAT partition, and the Wi-Fi chip's firmware: a missing
+# one is a card that never boots or a board without Wi-Fi, which no QEMU boot test would notice.
+boot_files_check() {
+  local fw="$rootfs/boot/firmware" g
+  # gpu_mem=16 (raspi-firmware-custom) makes the firmware load the cut-down start_cd.elf + fixup_cd.dat.
+  for g in bootcode.bin 'start*.elf' 'fixup*.dat' start_cd.elf fixup_cd.dat "$BOARD_DTB" config.txt cmdline.txt; do
+    compgen -G "$fw/$g" >/dev/null || { log "boot partition lacks $g"; exit 1; }
+  done
+  # The BCM43430 (Zero W, most Zero 2 W): firmware and the board's NVRAM file (brcmfmac falls back from the
+  # board-specific name to the plain one). The BCM43436 variant's files are not in Debian (image/README.md).
+  for g in brcmfmac43430-sdio.bin 'brcmfmac43430-sdio*.txt'; do
+    compgen -G "$rootfs/lib/firmware/brcm/$g" >/dev/null || { log "no /lib/firmware/brcm/$g"; exit 1; }
+  done
+  # tty0 last (it becomes /dev/console) and a real CMA size: see image/files/etc/default/raspi-firmware.
+  grep -Eq 'console=tty0( |$)' "$fw/cmdline.txt" && ! grep -Eq 'console=tty0 .*console=' "$fw/cmdline.txt" \
+    || { log "cmdline.txt: console=tty0 is not the last console"; exit 1; }
+  grep -Eq 'cma=[1-9][0-9]*M' "$fw/cmdline.txt" || { log "cmdline.txt has no cma=<size>M"; exit 1; }
 }
 
 # --- stage: remove device identity and build leftovers, write the manifest --------------------------------

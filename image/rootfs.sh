@@ -44,6 +44,8 @@ reduced_pkgs=(
   openssh-server wpasupplicant systemd-resolved systemd-timesyncd fake-hwclock sudo
   # first boot: grow the root partition and filesystem
   fdisk e2fsprogs
+  # compressed swap in RAM (image/files/etc/systemd/zram-generator.conf); a Rust generator, no daemon
+  systemd-zram-generator
   # the boot test reads RSS and boot time via SSH; procps gives ps/free to operators
   procps
 )

@@ -1,7 +1,7 @@
-"""The image's "no Wi-Fi needed" path (#12): the USB gadget Ethernet's network, DHCP server and udev files
-(image/files/usb-gadget/), the gadget loader's MAC addresses, the zram swap config and the login banner.
-These files are checked here as rendered; the image build does not install them yet (the wiring into
-image/build.sh and the boot test's live checks on a usb0 follow).
+"""The image's "no Wi-Fi needed" path and boot settings (#12): the USB gadget Ethernet's network and DHCP
+server config, the gadget loader's MAC addresses, zram swap, and the consoles/CMA the Pi's cmdline.txt gets.
+Rendered files are checked here; image/boot-test.sh checks them live (usb0's address, the DHCP server's
+socket, avahi on usb0, the service answering over it, zram swap, CMA).
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ FILES = REPO / "image/files"
 NETWORK = FILES / "etc/systemd/network"
 GADGET = FILES / "usb-gadget"
 GADGET_SH = FILES / "usb-gadget/memento-edge-usb-gadget.sh"
+BOARD_DEFAULTS = {"zero2w": FILES / "etc/default/raspi-firmware",
+                  "zero-w": REPO / "image/boards/zero-w/etc/default/raspi-firmware"}
 
 
 def unit(path: Path) -> configparser.ConfigParser:
@@ -95,6 +97,16 @@ def test_udev_starts_the_gadget_only_where_a_device_controller_exists() -> None:
     assert "Install" not in svc  # never enabled: udev wants it
 
 
+def test_every_new_image_file_is_installed_by_build_sh() -> None:
+    build = (REPO / "image/build.sh").read_text()
+    for rel in ("usb-gadget/memento-edge-usb-gadget.sh", "usb-gadget/memento-edge-usb-gadget.service",
+                "usb-gadget/90-memento-edge-usb-gadget.rules", "usb-gadget/10-usb-gadget.network",
+                "usb-gadget/10-usb-gadget.link", "etc/systemd/zram-generator.conf",
+                "etc/sysctl.d/90-memento-edge-zram.conf", "etc/issue.d/memento-edge.issue"):
+        assert f'"$f/{rel}"' in build, rel
+    assert re.search(r"^\s+systemd-zram-generator$", (REPO / "image/rootfs.sh").read_text(), re.M)
+
+
 def _run_gadget(tmp_path: Path) -> str:
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
@@ -131,7 +143,50 @@ def test_zram_swap_config() -> None:
     assert "vm.page-cluster = 0" in (FILES / "etc/sysctl.d/90-memento-edge-zram.conf").read_text()
 
 
+def _defaults(board: str) -> Dict[str, str]:
+    out = {}
+    for line in BOARD_DEFAULTS[board].read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            out[key] = value.strip('"')
+    return out
+
+
+@pytest.mark.parametrize("board", sorted(BOARD_DEFAULTS))
+def test_consoles_end_with_the_screen_and_cma_is_a_real_size(board: str) -> None:
+    d = _defaults(board)
+    consoles = d["CONSOLES"].split()
+    assert consoles[-1] == "tty0", "the last console= is /dev/console (boot status, rescue shell)"
+    assert any(c.startswith("ttyS1,") for c in consoles)
+    assert d["CMA"] == "32M"  # one 1920x1200 console framebuffer + DMA; not 0 (a blank screen), not 64M
+
+
 def test_login_banner_shows_the_usb_address_and_the_token_place() -> None:
     issue = (FILES / "etc/issue.d/memento-edge.issue").read_text()
     assert r"\4{usb0}" in issue and r"\n.local:8077" in issue and "/etc/memento-edge/initial-token" in issue
 
+
+def _dpkg_keeps(path: str) -> bool:
+    """dpkg's path-exclude/path-include rule for one path: the last matching pattern decides (fnmatch, '*'
+    crossing '/'), no match keeps the file."""
+    keep = True
+    for line in (FILES / "dpkg-excludes.cfg").read_text().splitlines():
+        kind, _, pattern = line.partition("=")
+        if kind in ("path-exclude", "path-include") and fnmatch.fnmatchcase(path, pattern):
+            keep = kind == "path-include"
+    return keep
+
+
+@pytest.mark.parametrize("module", [
+    "drivers/gpu/drm/vc4/vc4.ko", "drivers/gpu/drm/drm.ko", "drivers/gpu/drm/drm_kms_helper.ko",
+    "drivers/gpu/drm/drm_dma_helper.ko", "drivers/gpu/drm/display/drm_display_helper.ko",
+    "drivers/media/cec/core/cec.ko", "drivers/media/rc/rc-core.ko", "sound/core/snd-pcm.ko",
+    "sound/soc/snd-soc-core.ko", "sound/soundcore.ko"])
+def test_the_screen_console_driver_stays_on_the_card(module: str) -> None:
+    assert _dpkg_keeps(f"/lib/modules/6.1.0-40-arm64/kernel/{module}")
+
+
+@pytest.mark.parametrize("module", ["drivers/gpu/drm/nouveau/nouveau.ko", "sound/soc/codecs/snd-soc-wm8960.ko",
+                                    "drivers/media/usb/uvc/uvcvideo.ko"])
+def test_other_gpu_and_media_modules_stay_trimmed(module: str) -> None:
+    assert not _dpkg_keeps(f"/lib/modules/6.1.0-40-arm64/kernel/{module}")
