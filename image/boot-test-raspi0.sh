@@ -7,13 +7,13 @@
 # What QEMU's raspi0 does instead of the Pi's firmware: it loads the kernel, the initrd and the device tree
 # itself (no bootcode.bin/start.elf, no config.txt; it writes the memory size, the command line and the
 # initrd's place into the tree's /chosen as the firmware would), so the test passes the same kernel, initrd
-# and Zero W tree (bcm2708-rpi-zero-w.dtb, the copy raspi-firmware's hook puts on the FAT partition) by hand.
+# and Zero W tree (bcm2835-rpi-zero-w.dtb: raspi-firmware's hook copies the upstream trees and sets upstream_kernel=1) by hand.
 
 # raspi0_prepare: the device tree, the command line, the card, $qemu_desc and $dtb_patch (what was changed in
 # the tree, and why).
 raspi0_prepare() {
   local size pow=1 fat="$work/disk.img@@$((p1_start * 512))"
-  MTOOLS_SKIP_CHECK=1 mcopy -n -i "$fat" ::/bcm2708-rpi-zero-w.dtb "$work/raspi0.dtb"
+  MTOOLS_SKIP_CHECK=1 mcopy -n -i "$fat" ::/bcm2835-rpi-zero-w.dtb "$work/raspi0.dtb"
   # The command line the firmware would pass (raspi-firmware's hook wrote it from /etc/default/raspi-firmware).
   MTOOLS_SKIP_CHECK=1 mcopy -n -i "$fat" ::/cmdline.txt "$work/cmdline.txt"
   # 1. QEMU maps no BCM2835 AXI bridge (ASB, 0x7e00a000): with it in the PM node's registers, Linux's
