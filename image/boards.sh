@@ -23,7 +23,7 @@ board_config() {
     zero-w)
       BOARD_NAME="Raspberry Pi Zero / Zero W"; BOARD_SLUG=pizerow; BOARD_ARCH=armel
       BOARD_KERNEL=linux-image-rpi; BOARD_QEMU_CPU=arm1176; BOARD_UNAME=armv6l
-      BOARD_DTB=bcm2708-rpi-zero-w.dtb ;;      # the firmware's default name; raspi-firmware's hook copies it
+      BOARD_DTB=bcm2835-rpi-zero-w.dtb ;;      # upstream name: raspi-firmware writes upstream_kernel=1 and copies it
     *) echo "unknown board: $1 ($MEMENTO_BOARDS)" >&2; return 2 ;;
   esac
   export BOARD_NAME BOARD_SLUG BOARD_ARCH BOARD_KERNEL BOARD_QEMU_CPU BOARD_UNAME BOARD_DTB
