@@ -504,12 +504,6 @@ def test_wifi_check_updates_the_status(fb, dev, monkeypatch) -> None:  # noqa: A
 FILES = REPO / "image" / "files"
 
 
-# Files checked as rendered by tests/test_usb_gadget.py whose wiring into build.sh comes in a later change
-# (its commit says so); take each out of here when build.sh installs it.
-NOT_WIRED_YET = {"usb-gadget/10-usb-gadget.link", "usb-gadget/10-usb-gadget.network",
-                 "usb-gadget/90-memento-edge-usb-gadget.rules", "usb-gadget/memento-edge-usb-gadget.service",
-                 "usb-gadget/memento-edge-usb-gadget.sh", "etc/systemd/zram-generator.conf",
-                 "etc/sysctl.d/90-memento-edge-zram.conf", "etc/issue.d/memento-edge.issue"}
 
 
 def test_every_appliance_file_is_installed_by_the_build() -> None:
@@ -519,8 +513,7 @@ def test_every_appliance_file_is_installed_by_the_build() -> None:
                and p.name not in scripts and str(p.relative_to(FILES)) not in scripts
                and not (p.parent == FILES / "etc/systemd/network" and p.suffix == ".network"
                         and "etc/systemd/network/*.network" in scripts)}
-    assert missing - NOT_WIRED_YET == set()
-    assert missing >= NOT_WIRED_YET, f"installed now, take out of NOT_WIRED_YET: {NOT_WIRED_YET - missing}"
+    assert missing == set()
 
 
 def test_imager_manifest_asks_imager_for_cloud_init(tmp_path) -> None:  # noqa: ANN001
