@@ -29,7 +29,12 @@ raspi_prepare() {
   #    the USB gadget's port). As "host", the test's USB Ethernet device (QEMU has no emulated Wi-Fi chip)
   #    gives the guest its network; the guest names it usb0 and gives it the gadget's address, 10.55.0.1.
   fdtput -t s "$work/raspi.dtb" /soc/usb@7e980000 dr_mode host
-  dtb_patch="PM node without the ASB register range (QEMU does not map it; bcm2835-power aborts reading it); USB port dr_mode otg -> host (QEMU's dwc2 is a host-only model; the network is a USB Ethernet device on it)"
+  # 3. The SD host without DMA (PIO): with DMA, a starved emulated CPU (QEMU's raspi0 runs one ARM1176 on one
+  #    host thread) hit "sdhost-bcm2835: timeout waiting for hardware interrupt" and then a NULL dereference in
+  #    bcm2835_finish_data (2026-12-03, bench/results/2026-12-03-zero-w-armel-converge-image-boot.md).
+  fdtput -d "$work/raspi.dtb" /soc/mmc@7e202000 dmas
+  fdtput -d "$work/raspi.dtb" /soc/mmc@7e202000 dma-names
+  dtb_patch="PM node without the ASB register range (QEMU does not map it; bcm2835-power aborts reading it); USB port dr_mode otg -> host (QEMU's dwc2 is a host-only model; the network is a USB Ethernet device on it); SD host in PIO mode (DMA completions timed out under the slow emulated CPU)"
   # QEMU's SD card model takes only sizes that are a power of two.
   size=$(stat -c %s "$work/disk.img")
   while [ "$pow" -lt "$size" ]; do pow=$((pow * 2)); done
@@ -38,11 +43,15 @@ raspi_prepare() {
 
 # raspi0_start: boot in the background; sets $qemu_pid. The console is the Zero W's GPIO UART, the mini UART
 # (ttyS1, QEMU's second serial port); the PL011 drives Bluetooth under this tree.
+# Emulation only: the emulated board runs tens of times slower than a real one, and systemd's 90 s device
+# timeout expired before udev had even started (emergency mode, measured 2026-12-03); the card's own
+# cmdline.txt is unchanged.
+slow_boot="systemd.default_device_timeout_sec=1800 systemd.default_timeout_start_sec=1800"
 raspi0_start() {
   qemu_desc="qemu-system-arm -M raspi0 (BCM2835, ARM1176, 512 MB of which QEMU keeps 64 MB as VideoCore RAM; USB Ethernet on dwc2)"
   timeout "$total_timeout" qemu-system-arm -M raspi0 \
     -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi.dtb" \
-    -append "$(tr -d '\n' < "$work/cmdline.txt") systemd.show_status=1" \
+    -append "$(tr -d '\n' < "$work/cmdline.txt") systemd.show_status=1 $slow_boot" \
     -drive "file=$work/disk.img,format=raw,if=sd,cache=unsafe" \
     -netdev "$netdev" -device usb-net,netdev=n0 \
     -display none -serial null -serial "file:$work/serial.log" -monitor none -no-reboot &
@@ -56,7 +65,7 @@ raspi3b_start() {
   qemu_desc="qemu-system-aarch64 -M raspi3b (BCM2837, 4x Cortex-A53, 1 GB capped to 496 MB by mem=; USB Ethernet on dwc2)"
   timeout "$total_timeout" qemu-system-aarch64 -M raspi3b \
     -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi.dtb" \
-    -append "$(tr -d '\n' < "$work/cmdline.txt") mem=496M systemd.show_status=1" \
+    -append "$(tr -d '\n' < "$work/cmdline.txt") mem=496M systemd.show_status=1 $slow_boot" \
     -drive "file=$work/disk.img,format=raw,if=sd,cache=unsafe" \
     -netdev "$netdev" -device usb-net,netdev=n0 \
     -display none -serial null -serial "file:$work/serial.log" -monitor none -no-reboot &
