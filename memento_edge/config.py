@@ -2,7 +2,7 @@
 
 Precedence (lowest first): built-in defaults < YAML config file < ``MEMENTO_*`` environment < explicit
 overrides passed by the caller (CLI flags, tests). Every setting is documented here, once; the README
-table and ``memento-edge config`` are generated from :data:`SETTINGS`.
+table (:func:`settings_markdown`) and ``memento-edge config`` are generated from :data:`SETTINGS`.
 """
 from __future__ import annotations
 
@@ -177,6 +177,19 @@ SETTINGS: List[Setting] = [
 
 _SETTING_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
+# Settings only a config file can set: a list of token digests does not fit an environment variable.
+FILE_ONLY = frozenset({"tokens"})
+
+
+def settings_markdown() -> str:
+    """The README's table of settings, generated from :data:`SETTINGS` (tests/test_docs.py checks that the
+    README holds exactly this text, so a default or help changed here cannot leave the README behind)."""
+    rows = ["| setting (YAML key) | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        env = "(config file only)" if s.name in FILE_ONLY else f"`MEMENTO_{s.name.upper()}`"
+        rows.append(f"| `{s.name}` | {env} | `{'—' if s.default is None else s.default}` | {s.help} |")
+    return "\n".join(rows) + "\n"
+
 # Allowed ranges of the numeric settings (inclusive). A value outside is refused at load, naming the setting
 # and the source: 0 threads or connections served nothing, a port over 65535 wrapped to another port, a
 # negative body limit refused every POST, and an infinite cache size overflowed later.
@@ -289,7 +302,7 @@ class Settings:
         env_values = {}
         for s in SETTINGS:
             key = "MEMENTO_" + s.name.upper()
-            if key in env and s.name != "tokens":
+            if key in env and s.name not in FILE_ONLY:
                 env_values[s.name] = env[key]
         values.update(_coerce(env_values, source="environment"))
         values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, source="override"))
