@@ -50,12 +50,26 @@ def config_search_path(env: Optional[Mapping[str, str]] = None) -> List[Path]:
     return [p for p in found if p is not None]
 
 
+def config_unreadable(path: Any) -> InvalidInput:
+    """The error for a config file this user may not read, saying what to do instead (the appliance's
+    /etc/memento-edge is readable by root and the service's group only)."""
+    return InvalidInput(f"cannot read config file {path}: permission denied. Run as root (sudo), or name a "
+                        "file you can read with --config FILE (or MEMENTO_CONFIG)", field="config")
+
+
 def default_config_file(env: Optional[Mapping[str, str]] = None) -> Path:
     """The config file used when none is named: the first of :func:`config_search_path` that exists, else
-    where a new one belongs (the user's file, or the system's for root) - ``token create`` writes there."""
+    where a new one belongs (the user's file, or the system's for root) - ``token create`` writes there.
+
+    Raises :class:`InvalidInput` when a candidate's directory may not be searched: carrying on with the
+    next file would quietly give a non-root user their own settings and tokens the service never reads.
+    """
     for path in config_search_path(env):
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except PermissionError:
+            raise config_unreadable(path) from None
     return Path(DEFAULT_CONFIG_FILE) if _is_root() else user_config_file(env)
 
 
@@ -317,6 +331,8 @@ def _read_yaml(path: str) -> Dict[str, Any]:
             data = yaml.safe_load(fh) or {}
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"config file {path} is not valid UTF-8 (byte {exc.start})", field="config") from None
+    except PermissionError:
+        raise config_unreadable(path) from None
     except (OSError, yaml.YAMLError) as exc:
         detail = " ".join(str(exc).split())  # one line: YAML errors span several
         raise InvalidInput(f"cannot read config file {path}: {detail}", field="config") from None
