@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .config import config_unreadable
 from .errors import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,13 @@ def create_token(name: str, scopes: Sequence[str]) -> Tuple[str, Dict[str, Any]]
 def _read_config(path: Path) -> Tuple[str, Dict[str, Any]]:
     import yaml
 
-    if not path.exists():
-        return "", {}
     try:
+        if not path.exists():
+            return "", {}
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
+    except PermissionError:
+        raise config_unreadable(path) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise InvalidInput(f"cannot read config file {path}: {exc}", field="config") from exc
     if not isinstance(data, dict):

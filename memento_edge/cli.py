@@ -86,17 +86,28 @@ def _table(rows: List[List[str]], headers: List[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
+# The clock guard's flag in words (README "Time on a board without a clock").
+UNVERIFIED = "time unverified: stored while the clock was not synchronised"
+
+
+def _created(it: Dict[str, Any]) -> str:
+    """The creation time as a table shows it; ``?`` marks a time stamped by an unsynchronised clock."""
+    return (it["created_at"] or "")[:19] + (" ?" if it.get("clock_trusted") is False else "")
+
+
 def _records_table(items: Iterable[Dict[str, Any]], score: bool = False) -> None:
     rows = []
     for it in items:
         row = [str(it["id"])]
         if score:
             row.append(f"{it['score']:.4f}")
-        row += [it["collection"], ",".join(it["tags"]), (it["created_at"] or "")[:19], _short(it["text"])]
+        row += [it["collection"], ",".join(it["tags"]), _created(it), _short(it["text"])]
         rows.append(row)
     headers = ["id"] + (["score"] if score else []) + ["collection", "tags", "created", "text"]
     if rows:
         _table(rows, headers)
+        if any(r[-2].endswith(" ?") for r in rows):
+            click.echo(f"?: {UNVERIFIED}", err=True)
     else:
         click.echo("(nothing)")
 
@@ -303,6 +314,8 @@ def _record_human(d: Dict[str, Any]) -> None:
         value = d[key]
         if isinstance(value, (list, dict)):
             value = json.dumps(value, ensure_ascii=False)
+        if key == "created_at" and d.get("clock_trusted") is False:
+            value = f"{value} ({UNVERIFIED})"
         click.echo(f"{key:>11}: {value}")
     click.echo(f"{'text':>11}: {d['text']}")
 
@@ -392,6 +405,7 @@ def stats(state: _State) -> None:
             ["sqlite / sqlite-vec", f"{d['sqlite_version']} / {d['sqlite_vec_version']}"],
             ["schema", str(d["schema"])],
             ["embedding backlog", _backlog_line(d["backlog"])],
+            ["clock", _clock_line(d.get("clock") or {})],
         ]
         if d.get("model_error"):
             rows.append(["model error", d["model_error"]])
@@ -400,6 +414,20 @@ def stats(state: _State) -> None:
             click.secho(f"note: {d['vector_note']}", fg="yellow", err=True)
 
     _emit(state, info, human)
+
+
+def _clock_line(c: Dict[str, Any]) -> str:
+    """The clock guard's state in one line: trusted or not, why, and the memories it left unverified."""
+    if not c:
+        return "?"
+    text = f"{'trusted' if c.get('trusted') else 'NOT synchronised'} ({c.get('source')})"
+    if c.get("source") == "assumed":
+        text += ": nothing on this host reports synchronisation"
+    if c.get("untrusted_memories"):
+        text += f", {c['untrusted_memories']} memories with an unverified time"
+    if c.get("corrected"):
+        text += f", {c['corrected']} re-dated"
+    return text
 
 
 def _backlog_line(b: Dict[str, Any]) -> str:

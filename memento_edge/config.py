@@ -2,7 +2,7 @@
 
 Precedence (lowest first): built-in defaults < YAML config file < ``MEMENTO_*`` environment < explicit
 overrides passed by the caller (CLI flags, tests). Every setting is documented here, once; the README
-table and ``memento-edge config`` are generated from :data:`SETTINGS`.
+table (:func:`settings_markdown`) and ``memento-edge config`` are generated from :data:`SETTINGS`.
 """
 from __future__ import annotations
 
@@ -50,12 +50,26 @@ def config_search_path(env: Optional[Mapping[str, str]] = None) -> List[Path]:
     return [p for p in found if p is not None]
 
 
+def config_unreadable(path: Any) -> InvalidInput:
+    """The error for a config file this user may not read, saying what to do instead (the appliance's
+    /etc/memento-edge is readable by root and the service's group only)."""
+    return InvalidInput(f"cannot read config file {path}: permission denied. Run as root (sudo), or name a "
+                        "file you can read with --config FILE (or MEMENTO_CONFIG)", field="config")
+
+
 def default_config_file(env: Optional[Mapping[str, str]] = None) -> Path:
     """The config file used when none is named: the first of :func:`config_search_path` that exists, else
-    where a new one belongs (the user's file, or the system's for root) - ``token create`` writes there."""
+    where a new one belongs (the user's file, or the system's for root) - ``token create`` writes there.
+
+    Raises :class:`InvalidInput` when a candidate's directory may not be searched: carrying on with the
+    next file would quietly give a non-root user their own settings and tokens the service never reads.
+    """
     for path in config_search_path(env):
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except PermissionError:
+            raise config_unreadable(path) from None
     return Path(DEFAULT_CONFIG_FILE) if _is_root() else user_config_file(env)
 
 
@@ -177,6 +191,19 @@ SETTINGS: List[Setting] = [
 
 _SETTING_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
+# Settings only a config file can set: a list of token digests does not fit an environment variable.
+FILE_ONLY = frozenset({"tokens"})
+
+
+def settings_markdown() -> str:
+    """The README's table of settings, generated from :data:`SETTINGS` (tests/test_docs.py checks that the
+    README holds exactly this text, so a default or help changed here cannot leave the README behind)."""
+    rows = ["| setting (YAML key) | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        env = "(config file only)" if s.name in FILE_ONLY else f"`MEMENTO_{s.name.upper()}`"
+        rows.append(f"| `{s.name}` | {env} | `{'—' if s.default is None else s.default}` | {s.help} |")
+    return "\n".join(rows) + "\n"
+
 # Allowed ranges of the numeric settings (inclusive). A value outside is refused at load, naming the setting
 # and the source: 0 threads or connections served nothing, a port over 65535 wrapped to another port, a
 # negative body limit refused every POST, and an infinite cache size overflowed later.
@@ -289,7 +316,7 @@ class Settings:
         env_values = {}
         for s in SETTINGS:
             key = "MEMENTO_" + s.name.upper()
-            if key in env and s.name != "tokens":
+            if key in env and s.name not in FILE_ONLY:
                 env_values[s.name] = env[key]
         values.update(_coerce(env_values, source="environment"))
         values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, source="override"))
@@ -304,6 +331,8 @@ def _read_yaml(path: str) -> Dict[str, Any]:
             data = yaml.safe_load(fh) or {}
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"config file {path} is not valid UTF-8 (byte {exc.start})", field="config") from None
+    except PermissionError:
+        raise config_unreadable(path) from None
     except (OSError, yaml.YAMLError) as exc:
         detail = " ".join(str(exc).split())  # one line: YAML errors span several
         raise InvalidInput(f"cannot read config file {path}: {detail}", field="config") from None

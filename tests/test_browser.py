@@ -401,3 +401,38 @@ def test_phone_edits_a_memory(phone: Any, server: Dict[str, Any]) -> None:
     stored = server["memory"].get(mid)
     assert (stored.text, sorted(stored.tags)) == ("the bike lock code is 4321", ["bike", "home"])
     assert phone.errors == []
+
+
+class _UnsyncedClock:
+    """A clock that is not synchronised, in a boot that ends before it ever is (the row stays flagged)."""
+
+    def read(self) -> Any:
+        import time
+
+        from memento_edge.clock import ClockReading
+
+        return ClockReading(wall=time.time() - 3 * 86400, trusted=False, boot_id="an-earlier-boot", boot_ns=1)
+
+    def state(self) -> Dict[str, Any]:
+        return {"trusted": False, "source": "test", "mode": "auto"}
+
+
+def test_a_memory_with_an_unverified_time_is_marked(page: Any, server: Dict[str, Any]) -> None:
+    """#16: hits show the clock flag on the page too (the Stats card's Clock row shows the state)."""
+    memory = server["memory"]
+    real, memory.clock = memory.clock, _UnsyncedClock()
+    try:
+        mid = memory.remember("the boiler was serviced while the clock was wrong").id
+    finally:
+        memory.clock = real
+    _use_token(page)
+    texts = _search(page, "boiler serviced clock", mode="keyword")
+    assert "the boiler was serviced while the clock was wrong" in texts
+    expect(page.locator(f"#results li[data-id='{mid}'] .unverified")).to_have_text("time unverified")
+    assert page.locator("#results .unverified").count() == 1  # only the flagged memory
+    page.click("#stats-btn")
+    page.wait_for_selector("#stats dt")
+    shown = dict(zip(page.locator("#stats dt").all_text_contents(),
+                     page.locator("#stats dd").all_text_contents()))
+    assert "1 memories with an unverified time" in shown.get("Clock", ""), shown
+    assert page.errors == []

@@ -208,3 +208,43 @@ def test_readyz_and_metrics_show_the_clock(settings):
         assert ready["trusted"] is True and ready["untrusted_memories"] == 0 and ready["corrected"] == 1
         text = client.get("/metrics").get_data(as_text=True)
         assert 'memento_clock_trusted{source="test"} 1' in text and "memento_clock_corrected_total 1" in text
+
+
+def test_cli_human_views_mark_unverified_times(monkeypatch):
+    """`get`, the hit/recent tables and `stats` show the flag to a person, not only in --json."""
+    from click.testing import CliRunner
+
+    from memento_edge import embedder
+    from memento_edge.cli import main
+
+    monkeypatch.setattr(embedder, "make_embedder", lambda settings, *a, **k: FakeEmbedder())
+    runner = CliRunner()
+    untrusted = {"MEMENTO_CLOCK": "untrusted"}
+    # (a trusted clock would re-date the offline note at once: it was stored in this boot)
+    assert runner.invoke(main, ["remember", "synced note"], env={"MEMENTO_CLOCK": "trusted"}).exit_code == 0
+    assert runner.invoke(main, ["remember", "offline note"], env=untrusted).exit_code == 0
+    out = runner.invoke(main, ["--no-json", "get", "2"], env=untrusted).output
+    (created,) = [line for line in out.splitlines() if "created_at:" in line]
+    assert "time unverified" in created
+    assert "time unverified" not in runner.invoke(main, ["--no-json", "get", "1"], env=untrusted).output
+    table = runner.invoke(main, ["--no-json", "recall", "note", "-m", "keyword"], env=untrusted).output
+    rows = {line.split()[0]: line for line in table.splitlines() if line[:1].isdigit()}
+    assert " ?" in rows["2"] and " ?" not in rows["1"] and "?: time unverified" in table
+    assert " ?" in runner.invoke(main, ["--no-json", "recent"], env=untrusted).output
+    stats = runner.invoke(main, ["--no-json", "stats"], env=untrusted).output
+    (clock,) = [line for line in stats.splitlines() if line.startswith("clock")]
+    assert "NOT synchronised (setting)" in clock and "1 memories with an unverified time" in clock
+
+
+def test_appliance_unit_orders_after_time_sync_without_waiting_for_the_network():
+    """The unit starts after time-sync.target (timesyncd restored the saved clock) but never pulls in or
+    requires a synchronised clock: a board without Wi-Fi must still serve."""
+    from pathlib import Path
+
+    unit = (Path(__file__).resolve().parents[1] / "ansible" / "roles" / "memento_edge" / "templates"
+            / "memento-edge.service.j2").read_text(encoding="utf-8")
+    lines = [line.strip() for line in unit.splitlines() if not line.lstrip().startswith("#")]
+    assert "After=time-sync.target" in lines
+    binding = [line for line in lines if line.split("=", 1)[0] in ("Wants", "Requires", "BindsTo", "Requisite")]
+    assert not [line for line in binding if "time-sync" in line or "time-wait-sync" in line]
+    assert not [line for line in lines if "time-wait-sync" in line]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memento_edge.config import SETTINGS
+from memento_edge.config import SETTINGS, settings_markdown
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
@@ -12,6 +12,15 @@ def test_every_setting_is_in_the_readme_table():
     for s in SETTINGS:
         assert f"| `{s.name}` |" in README, f"setting {s.name} missing from README"
         assert s.help, s.name
+
+
+def test_readme_settings_table_is_the_generated_one():
+    """The README's table is exactly what the one table of settings generates (defaults and help included)."""
+    table = settings_markdown()
+    assert table in README, (
+        "README's settings table differs from memento_edge.config.SETTINGS; regenerate it with\n"
+        "  .venv/bin/python -c 'from memento_edge.config import settings_markdown as m; print(m(), end=\"\")'\n"
+        + table)
 
 
 def test_readme_starts_with_the_two_commands():

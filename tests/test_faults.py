@@ -313,14 +313,22 @@ def _seed(home: Path) -> None:
         mem.remember("the wifi password is on the fridge")
 
 
-@pytest.mark.parametrize("sickness", ["full", "read-only"])
-def test_starts_read_only_on_a_sick_disk_and_says_so(small_disk: Path, sickness: str) -> None:
+@pytest.fixture
+def sick_home(small_disk: Path, sickness: str) -> Path:
+    """A seeded home on ``small_disk``, then the disk made sick: ``sickness`` is "full" or "read-only"
+    (the test's parameter)."""
     home = small_disk / "home"
     _seed(home)
     if sickness == "full":
         _fill_disk(small_disk)
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    return home
+
+
+@pytest.mark.parametrize("sickness", ["full", "read-only"])
+def test_starts_read_only_on_a_sick_disk_and_says_so(small_disk: Path, sick_home: Path, sickness: str) -> None:
+    home = sick_home
     env = WebEnv(home)
     try:
         assert env.memory.store.read_only == ("the disk is full" if sickness == "full" else
@@ -346,14 +354,9 @@ def test_starts_read_only_on_a_sick_disk_and_says_so(small_disk: Path, sickness:
 
 
 @pytest.mark.parametrize("sickness, status", [("full", 507), ("read-only", 503)])
-def test_web_backup_on_a_sick_disk_is_a_json_error(small_disk: Path, sickness: str, status: int) -> None:
+def test_web_backup_on_a_sick_disk_is_a_json_error(sick_home: Path, sickness: str, status: int) -> None:
     """The backups directory does not exist yet: creating it on a read-only disk answered 500."""
-    home = small_disk / "home"
-    _seed(home)
-    if sickness == "full":
-        _fill_disk(small_disk)
-    else:
-        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    home = sick_home
     env = WebEnv(home)
     try:
         r = env.client.post("/v1/backup", json={})

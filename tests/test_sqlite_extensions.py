@@ -56,3 +56,20 @@ def test_cli_stats_prints_the_note(no_extensions, monkeypatch: pytest.MonkeyPatc
     assert r.exit_code == 0 and "note: this Python's sqlite3 cannot load extensions" in r.output
     r = runner.invoke(main, ["--json", "stats"])
     assert json.loads(r.output)["sqlite_extensions"] is False
+
+
+def test_readyz_and_the_start_line_say_so(no_extensions, settings, caplog) -> None:
+    """The service tells an operator too: /readyz's ``vectors`` and a warning right after the start line."""
+    from memento_edge import web
+    from memento_edge.web.state import EXT
+
+    with Memory(settings, embedder=FakeEmbedder()) as mem:
+        app = web.create_app(settings, memory=mem)
+        vectors = app.test_client().get("/readyz").get_json()["vectors"]
+        assert vectors["backend"] == "numpy" and vectors["sqlite_extensions"] is False
+        assert "cannot load extensions" in vectors["note"]
+        with caplog.at_level(logging.INFO, logger="memento_edge.web"):
+            web._log_start("loopback-open", app.extensions[EXT], "http://127.0.0.1:8077")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "memento_edge.web"]
+    assert "vectors=numpy" in lines[0][1]
+    assert any(level == "WARNING" and "cannot load extensions" in msg for level, msg in lines[1:])

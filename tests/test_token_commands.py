@@ -85,3 +85,34 @@ def _check_hint(result, cfg: Path) -> None:
     assert result.exit_code == 1
     line = result.output.strip()
     assert line.startswith(f"Error: cannot write {cfg}: permission denied") and "--config FILE" in line
+
+
+
+def test_unreadable_config_hints_at_sudo_or_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-root user on the appliance may not even look into /etc/memento-edge (root:memento-edge 0750;
+    simulated: the tests may run as root). Every command, token ones included, says what to do instead of a
+    bare "[Errno 13]", and none falls back to the user's own file (tokens the service would never see)."""
+    from memento_edge import config
+
+    system = tmp_path / "etc" / "memento-edge" / "config.yaml"
+    system.parent.mkdir(parents=True)
+    system.write_text("tokens: []\n", encoding="utf-8")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", str(system))
+    monkeypatch.setattr(config, "venv_config_file", lambda: None)
+    monkeypatch.setattr(config, "_is_root", lambda: False)
+    monkeypatch.delenv("MEMENTO_CONFIG", raising=False)
+    real_stat = Path.stat
+
+    def stat(self: Path, **kwargs: object):  # what stat() answers inside a directory we may not search
+        if self == system:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    for args in (["token", "list"], ["token", "create", "--name", "x"], ["stats"], ["config"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, r.output
+        line = r.output.strip()
+        assert line == (f"Error: cannot read config file {system}: permission denied. Run as root (sudo), or "
+                        "name a file you can read with --config FILE (or MEMENTO_CONFIG)")
+    assert not config.user_config_file().exists()

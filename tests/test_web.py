@@ -6,6 +6,7 @@ model and real sockets are covered by test_http_server.py).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Dict, List
 
 import pytest
@@ -75,6 +76,20 @@ def test_index_page_is_html_with_strict_csp(web: WebEnv) -> None:
     csp = resp.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert resp.headers["X-Frame-Options"] == "DENY"
+
+
+def _token_card_tag(html: str) -> str:
+    match = re.search(r'<details id="token-card"[^>]*>', html)
+    assert match, "the page has no token card"
+    return match.group(0)
+
+
+def test_token_card_is_folded_when_no_token_is_needed(web: WebEnv, authed: WebEnv) -> None:
+    """#15 finding 8: with no token configured (loopback only) the card must not fill the first screen."""
+    open_card = _token_card_tag(web.client.get("/").get_data(as_text=True))
+    assert " open" not in open_card and 'data-auth-required="no"' in open_card
+    needed = _token_card_tag(authed.client.get("/").get_data(as_text=True))
+    assert " open" in needed and 'data-auth-required="yes"' in needed
 
 
 def test_index_page_placeholder_when_template_missing(web: WebEnv, tmp_path) -> None:

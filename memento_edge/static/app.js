@@ -137,6 +137,12 @@
       time.setAttribute("datetime", String(item.created_at));
       meta.appendChild(time);
     }
+    if (item.clock_trusted === false) {
+      // Stored while the board's clock was not synchronised (no RTC, no network yet): the date may be wrong.
+      var unverified = el("span", "unverified", "time unverified");
+      unverified.title = "Stored before the clock was synchronised; the date may be wrong.";
+      meta.appendChild(unverified);
+    }
     (item.tags || []).forEach(function (t) { meta.appendChild(el("span", "tag", t)); });
     if (item.embedding === "pending") {
       // Found by its words now; search by meaning finds it once the background worker embeds it.
