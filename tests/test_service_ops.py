@@ -209,3 +209,10 @@ def test_ipv6_address_is_bracketed(tmp_path: Path) -> None:
         assert svc.lines(f"listening on http://[::1]:{svc.port}")
     finally:
         svc.stop()
+
+
+def test_appliance_unit_reload_sends_sighup() -> None:
+    """`systemctl reload memento-edge` on the appliance is the SIGHUP that re-reads the tokens."""
+    unit = (Path(__file__).resolve().parents[1] / "ansible" / "roles" / "memento_edge" / "templates"
+            / "memento-edge.service.j2").read_text(encoding="utf-8")
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.splitlines()

@@ -117,7 +117,7 @@ def serve(settings: "Settings", memory: Optional["Memory"] = None) -> None:
         raise KeyboardInterrupt  # unwinds server.run() in the main thread; finally-blocks close the DB
 
     def _on_hup(signum: int, frame: Any) -> None:
-        st.tokens.reload()  # `systemctl kill -s HUP memento-edge`: re-read the tokens now
+        st.tokens.reload()  # `systemctl reload memento-edge` (SIGHUP): re-read the tokens now
 
     previous: Dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
