@@ -97,6 +97,16 @@ kver="$(debugfs -R 'ls -p /boot' "$work/root.ext4" 2>/dev/null | awk -F/ '{print
 [ -n "$kver" ] || { echo "no kernel in the image" >&2; exit 1; }
 debugfs -R "dump /boot/vmlinuz-$kver $work/vmlinuz" "$work/root.ext4" 2>/dev/null
 debugfs -R "dump /boot/initrd.img-$kver $work/initrd.img" "$work/root.ext4" 2>/dev/null
+# The USB cable's stand-in is QEMU's usb-net, which reports a MAC beginning 40: (universally administered), so
+# Linux names it eth<N> where the board's g_ether names the gadget usb0 itself (measured: "cdc_ether ... eth1").
+# A test-only .link file in this copy of the card gives the stand-in the gadget's name; the image is unchanged.
+printf '# written by image/boot-test.sh (test copy only)\n[Match]\nDriver=cdc_ether\n\n[Link]\nName=usb0\n' \
+  > "$work/05-boot-test-usb0.link"
+debugfs -w -R "write $work/05-boot-test-usb0.link /etc/systemd/network/05-boot-test-usb0.link" "$work/root.ext4" \
+  >/dev/null 2>&1
+debugfs -R "stat /etc/systemd/network/05-boot-test-usb0.link" "$work/root.ext4" 2>/dev/null | grep -q Inode \
+  || { echo "could not write the test's usb0 .link file" >&2; exit 1; }
+dd if="$work/root.ext4" of="$work/disk.img" bs=512 seek="$p2_start" conv=notrunc,sparse status=none
 rm -f "$work/root.ext4"
 log "kernel $kver; image $(basename "$img"); board $board"
 

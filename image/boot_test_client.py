@@ -102,8 +102,8 @@ def memory_facts() -> Dict[str, Any]:
           if k in meminfo}
     cmdline = guest("cat /proc/cmdline").split()
     return {"cmdline_cma": next((a for a in cmdline if a.startswith("cma=")), "kernel default"),
-            "meminfo_kb": kb, "swaps": guest("swapon --show=NAME,TYPE,SIZE,PRIO --noheadings"),
-            "zram": guest("zramctl --output NAME,ALGORITHM,DISKSIZE,DATA,COMPR --noheadings || true")}
+            "meminfo_kb": kb, "swaps": guest("tail -n +2 /proc/swaps"),
+            "zram": guest("sudo zramctl --output NAME,ALGORITHM,DISKSIZE,DATA,COMPR --noheadings || true")}
 
 
 def main() -> int:
