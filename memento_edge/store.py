@@ -43,6 +43,10 @@ _MAX_VEC_K = 4096  # sqlite-vec refuses larger k in a KNN query
 # Below this many filter matches an exact lookup of each candidate's vector is cheaper than a KNN scan.
 _EXACT_FILTER_LIMIT = 512
 _NUMPY_CHUNK = 2048
+# Page cache of each pooled reader connection (the writer keeps 1 MB). Recall reads a few pages per query
+# and the OS caches the file anyway; at 1 MB, five readers held 3.6 MB after a full scan each vs 1.1 MB
+# at 256 KiB (10k memories, measured).
+READER_CACHE_KIB = 256
 
 # Words that carry no topic: dropping them from the keyword query keeps BM25 from ranking every turn
 # that says "what did you do" above the one that answers it.
@@ -667,6 +671,7 @@ class Store:
             except queue.Empty:
                 with self._wlock:
                     conn = self._connect()
+                conn.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
             try:
                 yield conn
             except sqlite3.Error as exc:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from memento_edge import migrations
-from memento_edge.store import Store, fts_query, query_terms
+from memento_edge.store import READER_CACHE_KIB, Store, fts_query, query_terms
 
 
 def _unit(rng, n, dim=384):
@@ -198,3 +198,18 @@ def test_failed_transaction_leaves_cache_consistent(tmp_path):
     hits = s.vector_search(vecs[7], 10)
     assert len(hits) == 5 and s._vcache.n == 5
     s.close()
+
+
+def test_pooled_readers_use_a_small_page_cache_and_the_writer_keeps_1_mb(tmp_path):
+    """Each pooled reader holds at most READER_CACHE_KIB of pages (RSS per connection), the writer 1 MB."""
+    store = Store(tmp_path / "m.db", dim=4)
+    try:
+        with store.reader() as first, store.reader() as second:
+            for conn in (first, second):
+                assert conn.execute("PRAGMA cache_size").fetchone()[0] == -READER_CACHE_KIB
+        with store.reader() as again:  # a connection back from the pool keeps its setting
+            assert again.execute("PRAGMA cache_size").fetchone()[0] == -READER_CACHE_KIB
+        with store.writer() as conn:
+            assert conn.execute("PRAGMA cache_size").fetchone()[0] == -1000
+    finally:
+        store.close()

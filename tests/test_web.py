@@ -130,6 +130,18 @@ def test_create_batch_returns_ids_in_order(web: WebEnv) -> None:
     assert [web.client.get(f"/v1/memories/{i['id']}").get_json()["text"] for i in items] == ["one", "two"]
 
 
+def test_a_write_body_is_not_kept_on_the_request_while_it_is_stored(web: WebEnv) -> None:
+    """A 2 MiB batch would otherwise hold its raw bytes next to the parsed texts while they are embedded."""
+    from flask import request
+
+    from memento_edge.web.requests import json_body
+
+    body = json.dumps({"items": [{"text": "one"}, {"text": "two"}]})
+    with web.app.test_request_context("/v1/memories", method="POST", data=body, content_type="application/json"):
+        assert json_body() == {"items": [{"text": "one"}, {"text": "two"}]}
+        assert getattr(request, "_cached_data", None) is None
+
+
 def test_create_batch_names_the_bad_item(web: WebEnv) -> None:
     resp = web.client.post("/v1/memories", json={"items": [{"text": "ok"}, {"text": 5}]})
     assert resp.status_code == 400

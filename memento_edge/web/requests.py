@@ -65,7 +65,9 @@ def raw_body() -> bytes:
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     if limit is not None and (request.content_length or 0) > limit:
         raise RequestEntityTooLarge()
-    data = request.get_data(cache=True)
+    # Not cached on the request: a 2 MiB batch would otherwise keep its raw bytes for as long as its
+    # texts are embedded, next to the parsed copy. Every route reads its body once, through here.
+    data = request.get_data(cache=False)
     if limit is not None and len(data) > limit:
         raise RequestEntityTooLarge()
     return data
