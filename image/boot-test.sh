@@ -236,6 +236,8 @@ lines = [
     f"| kernel cma= / CmaTotal | {client['memory']['cmdline_cma']} / {mb(client['memory']['meminfo_kb'].get('CmaTotal'))} |",
     f"| MemTotal / MemAvailable (idle, before load) | {mb(client['memory']['meminfo_kb']['MemTotal'])} / {mb(client['memory']['meminfo_kb']['MemAvailable'])} |",
     f"| swap | {client['memory']['swaps'] or 'none'} |",
+    f"| clock (no NTP in the guest) | trusted {client['clock']['trusted']}, source {client['clock']['source']}, "
+    f"first memory clock_trusted {client['clock']['first_memory_clock_trusted']} |",
 ]
 if client.get("usb"):
     u = client["usb"]
