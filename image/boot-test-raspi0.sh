@@ -41,33 +41,32 @@ raspi_prepare() {
   truncate -s "$pow" "$work/disk.img"
 }
 
-# raspi0_start: boot in the background; sets $qemu_pid. The console is the Zero W's GPIO UART, the mini UART
-# (ttyS1, QEMU's second serial port); the PL011 drives Bluetooth under this tree.
 # Emulation only: the emulated board runs tens of times slower than a real one, and systemd's 90 s device
 # timeout expired before udev had even started (emergency mode, measured 2026-12-03); the card's own
 # cmdline.txt is unchanged.
 slow_boot="systemd.default_device_timeout_sec=1800 systemd.default_timeout_start_sec=1800"
-raspi0_start() {
-  qemu_desc="qemu-system-arm -M raspi0 (BCM2835, ARM1176, 512 MB of which QEMU keeps 64 MB as VideoCore RAM; USB Ethernet on dwc2)"
-  timeout "$total_timeout" qemu-system-arm -M raspi0 \
+
+# raspi_qemu BINARY MACHINE [KERNEL_ARGS]: boot the card's kernel, initrd and tree in the background; sets
+# $qemu_pid. The console is the board's GPIO UART, the mini UART (ttyS1, QEMU's second serial port).
+raspi_qemu() {
+  timeout "$total_timeout" "$1" -M "$2" \
     -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi.dtb" \
-    -append "$(tr -d '\n' < "$work/cmdline.txt") systemd.show_status=1 $slow_boot" \
+    -append "$(tr -d '\n' < "$work/cmdline.txt")${3:+ $3} systemd.show_status=1 $slow_boot" \
     -drive "file=$work/disk.img,format=raw,if=sd,cache=unsafe" \
     -netdev "$netdev" -device usb-net,netdev=n0 \
     -display none -serial null -serial "file:$work/serial.log" -monitor none -no-reboot &
   qemu_pid=$!
 }
 
-# raspi3b_start: the Zero 2 W image on QEMU's BCM2837 board; sets $qemu_pid. The Zero 2 W's GPIO UART is the
-# mini UART (ttyS1, QEMU's second serial port). mem=496M: the RAM Linux gets on the board (512 MB less
-# gpu_mem=16); QEMU's raspi3b has 1 GB and no option to shrink it.
+# raspi0_start: the Zero / Zero W image on QEMU's BCM2835 board (the PL011 drives Bluetooth under this tree).
+raspi0_start() {
+  qemu_desc="qemu-system-arm -M raspi0 (BCM2835, ARM1176, 512 MB of which QEMU keeps 64 MB as VideoCore RAM; USB Ethernet on dwc2)"
+  raspi_qemu qemu-system-arm raspi0
+}
+
+# raspi3b_start: the Zero 2 W image on QEMU's BCM2837 board. mem=496M: the RAM Linux gets on the board (512 MB
+# less gpu_mem=16); QEMU's raspi3b has 1 GB and no option to shrink it.
 raspi3b_start() {
   qemu_desc="qemu-system-aarch64 -M raspi3b (BCM2837, 4x Cortex-A53, 1 GB capped to 496 MB by mem=; USB Ethernet on dwc2)"
-  timeout "$total_timeout" qemu-system-aarch64 -M raspi3b \
-    -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -dtb "$work/raspi.dtb" \
-    -append "$(tr -d '\n' < "$work/cmdline.txt") mem=496M systemd.show_status=1 $slow_boot" \
-    -drive "file=$work/disk.img,format=raw,if=sd,cache=unsafe" \
-    -netdev "$netdev" -device usb-net,netdev=n0 \
-    -display none -serial null -serial "file:$work/serial.log" -monitor none -no-reboot &
-  qemu_pid=$!
+  raspi_qemu qemu-system-aarch64 raspi3b mem=496M
 }
