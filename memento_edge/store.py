@@ -1101,15 +1101,18 @@ class Store:
         """
         if not terms:
             return 0, [], {}
-        id_list = ",".join(str(int(i)) for i in ids) or "NULL"  # ints only: nothing to inject
-        sql = (f"SELECT count(*), group_concat(CASE WHEN rowid IN ({id_list}) THEN rowid END) "
-               "FROM memories_fts WHERE memories_fts MATCH ?")
+        # The ids are a bound JSON array, not literals in the SQL text: one statement whatever the ids.
+        # With the ids in the text every recall prepared a new statement, and each pooled reader kept its
+        # last 128 in the sqlite3 statement cache (+3 MB of SQLite heap at 4 threads, 10k store).
+        id_list = json.dumps([int(i) for i in ids])
+        sql = ("SELECT count(*), group_concat(CASE WHEN rowid IN (SELECT value FROM json_each(?)) "
+               "THEN rowid END) FROM memories_fts WHERE memories_fts MATCH ?")
         matched: Dict[int, List[int]] = {}
         df: List[int] = []
         with self.reader() as c:
             n = int(c.execute("SELECT count(*) FROM memories").fetchone()[0])
             for t, term in enumerate(terms):
-                count, hits = c.execute(sql, (term.fts,)).fetchone()
+                count, hits = c.execute(sql, (id_list, term.fts)).fetchone()
                 df.append(int(count))
                 for mid in (hits.split(",") if hits else ()):
                     matched.setdefault(int(mid), []).append(t)

@@ -1,6 +1,7 @@
 """Store internals: migrations, the two vector backends, the keyword query builder."""
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import numpy as np
@@ -129,6 +130,47 @@ def test_query_terms_keep_the_users_spelling_for_display():
     terms = query_terms("Ping 192.168.1.40 for Tom's NAS")
     assert [t.text for t in terms] == ["ping", "192.168.1.40", "tom", "nas"]
     assert terms[1].tokens == ("192", "168", "1", "40")
+
+
+def _apples(tmp_path):
+    s = Store(tmp_path / "m.db")
+    _fill(s, _unit(np.random.default_rng(2), 4), ["red apple pie", "green apple", "red car", "blue sky"])
+    return s
+
+
+def test_term_matches_counts_the_store_and_marks_only_the_given_ids(tmp_path):
+    s = _apples(tmp_path)
+    n, df, matched = s.term_matches(query_terms("red apple"), [1, 2, 4])
+    assert (n, df, matched) == (4, [2, 2], {1: [0, 1], 2: [1]})  # id 3 matches "red" but was not asked for
+    assert s.term_matches(query_terms("red apple"), []) == (4, [2, 2], {})
+    s.close()
+
+
+def test_term_matches_prepares_the_same_statements_whatever_the_ids(tmp_path, monkeypatch):
+    """Candidate ids are bound, not written into the SQL: a new statement per recall filled every pooled
+    reader's statement cache (128 each), megabytes of SQLite heap that stayed."""
+    s = _apples(tmp_path)
+    seen = set()
+    real_reader = s.reader
+
+    class Spy:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            seen.add(sql)
+            return self.conn.execute(sql, *args)
+
+    @contextlib.contextmanager
+    def spying_reader():
+        with real_reader() as conn:
+            yield Spy(conn)
+
+    monkeypatch.setattr(s, "reader", spying_reader)
+    for ids in ([1], [1, 2], [4, 3, 2, 1], list(range(1, 200))):
+        s.term_matches(query_terms("red apple"), ids)
+    assert len(seen) == 2  # the store count and the per-term pass
+    s.close()
 
 
 def test_identifier_phrase_matches_only_that_identifier(tmp_path):
