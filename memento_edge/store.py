@@ -1129,14 +1129,14 @@ class Store:
         """
         if not ids:
             return {}
-        marks = ",".join("?" * len(ids))
+        # The ids are one bound JSON array (see term_matches): one cached statement, whatever their number.
         sql = ("SELECT m.id, (SELECT max(n.id) FROM memories n WHERE n.session_id = m.session_id AND n.id < m.id), "
                "(SELECT min(n.id) FROM memories n WHERE n.session_id = m.session_id AND n.id > m.id) "
-               f"FROM memories m WHERE m.id IN ({marks}) AND m.session_id IS NOT NULL")
+               "FROM memories m WHERE m.id IN (SELECT value FROM json_each(?)) AND m.session_id IS NOT NULL")
         where, params = filter_sql(filters or {})
         with self.reader() as c:
             pairs = {int(r[0]): [int(x) for x in r[1:] if x is not None]
-                     for r in c.execute(sql, [int(i) for i in ids])}
+                     for r in c.execute(sql, (json.dumps([int(i) for i in ids]),))}
             near = sorted({n for ns in pairs.values() for n in ns})
             if where != "1" and near:
                 ok = _SqliteVecIndex._filter_ids(c, near, where, params)

@@ -146,12 +146,10 @@ def test_term_matches_counts_the_store_and_marks_only_the_given_ids(tmp_path):
     s.close()
 
 
-def test_term_matches_prepares_the_same_statements_whatever_the_ids(tmp_path, monkeypatch):
-    """Candidate ids are bound, not written into the SQL: a new statement per recall filled every pooled
-    reader's statement cache (128 each), megabytes of SQLite heap that stayed."""
-    s = _apples(tmp_path)
+def _spy_on_statements(store, monkeypatch):
+    """The set of SQL texts the store's readers execute from now on."""
     seen = set()
-    real_reader = s.reader
+    real_reader = store.reader
 
     class Spy:
         def __init__(self, conn):
@@ -166,10 +164,22 @@ def test_term_matches_prepares_the_same_statements_whatever_the_ids(tmp_path, mo
         with real_reader() as conn:
             yield Spy(conn)
 
-    monkeypatch.setattr(s, "reader", spying_reader)
+    monkeypatch.setattr(store, "reader", spying_reader)
+    return seen
+
+
+@pytest.mark.parametrize("call, statements", [
+    (lambda s, ids: s.term_matches(query_terms("red apple"), ids), 2),  # the store count, the per-term pass
+    (lambda s, ids: s.session_neighbours(ids), 1),
+])
+def test_recall_lookups_prepare_the_same_statements_whatever_the_ids(tmp_path, monkeypatch, call, statements):
+    """Candidate ids are bound, not written into the SQL: a new statement per recall filled every pooled
+    reader's statement cache (128 each), megabytes of SQLite heap that stayed."""
+    s = _apples(tmp_path)
+    seen = _spy_on_statements(s, monkeypatch)
     for ids in ([1], [1, 2], [4, 3, 2, 1], list(range(1, 200))):
-        s.term_matches(query_terms("red apple"), ids)
-    assert len(seen) == 2  # the store count and the per-term pass
+        call(s, ids)
+    assert len(seen) == statements
     s.close()
 
 
