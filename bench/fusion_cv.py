@@ -15,6 +15,11 @@ held-out paraphrase top-1 / MRR and LoCoMo R@10, each the mean and standard devi
 folds (each LoCoMo conversation scored with parameters chosen without it). Nothing reported is tuned on
 itself.
 
+Query gate (issue #10, shipped): the "query gate" families weigh the keyword evidence by fusion's gate,
+which lets it count only for a query with an exact token (identifier, number, quoted phrase, name) whose
+vector side is not decisive, or for a memory holding every query term (shipped: "... full coverage not
+gated"); the others are its ablations.
+
 External word frequency (issue #10, not shipped: it did not improve the held-out figures): when the
 ``wordfreq`` package is installed (``pip install wordfreq``; code Apache-2.0, data CC BY-SA 4.0, used
 here only at bench time and never copied into the repository), three more families discount the keyword
@@ -25,6 +30,7 @@ package those families are skipped and say so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -92,6 +98,7 @@ def record_locomo(spec: Dict[str, Any], work: Path) -> Dict[str, List[Dict[str, 
                 rel = [i for i, ds in dia.items() if set(ds) & set(q["evidence"])]
                 rec = record_question(mem, emb, q["question"], rel)
                 rec["evidence"] = q["evidence"]
+                rec["question"] = q["question"]
                 rec["dia"] = {int(i): ds for i, ds in dia.items() if i in rec["sims"]}
                 recs.append(rec)
             out[conv["id"]] = recs
@@ -127,13 +134,24 @@ def _by(ids: List[int], s: np.ndarray) -> List[int]:
     return [ids[n] for n in order]
 
 
-def linear(lam: float, mu: float = 0.0, p: float = 1.0, beta: float = 0.0) -> Ranker:
-    """e = similarity + lam * coverage**p + mu * coverage**p * rarity, plus beta times the better session
-    neighbour's e (the logistic score's ranking, fusion.fuse)."""
+def linear(lam: float, mu: float = 0.0, p: float = 1.0, beta: float = 0.0, margin: float = float("inf"),
+           floor: float = 1.0, lead_only: bool = False, full: bool = False) -> Ranker:
+    """e = similarity + g * (lam * coverage**p + mu * coverage**p * rarity), plus beta times the better
+    session neighbour's e (the logistic score's ranking, fusion.fuse). g is fusion's query gate with
+    ``gate_margin`` ``margin`` and ``gate_floor`` ``floor`` (the defaults: always 1); ``lead_only``: the
+    gate ignores the query's tokens (every query counts as having an exact one); ``full``: a memory holding
+    every query term is not gated (as fusion.fuse)."""
+    from memento_edge.fusion import FULL_COVERAGE, PARAMS, keyword_weight
+
+    params = dataclasses.replace(PARAMS, gate_margin=margin, gate_floor=floor)
+
     def rank(rec: Dict[str, Any]) -> List[int]:
         ids, f = rec["_f"]
         c = f[:, 1] ** p
-        e = f[:, 0] + lam * c + mu * c * f[:, 2]
+        g = keyword_weight(lead_only or rec["_exact"], rec["sims"], params)
+        if full:
+            g = np.where(f[:, 1] >= FULL_COVERAGE, 1.0, g)
+        e = f[:, 0] + g * (lam * c + mu * c * f[:, 2])
         if beta and rec.get("near"):
             row = {i: n for n, i in enumerate(ids)}
             near = rec["near"]
@@ -282,6 +300,25 @@ FAMILIES: Dict[str, List[Tuple[Dict[str, float], Ranker]]] = {
     "... + beta*session neighbour": [({"lam": lam, "mu": mu, "p": p, "beta": b}, linear(lam, mu, p, b))
                                      for lam, mu, p, b in itertools.product(
                                          (0.2, 0.3, 0.4), (0.4, 0.6, 1.0), (1.5, 2), (0.0, 0.2, 0.3, 0.4, 0.5))],
+    # fusion's query gate: keyword evidence only for a query with an exact token (identifier, number,
+    # quoted phrase, capitalised name) whose vector side leads by less than `margin`, else times `floor`
+    "query gate (exact tokens)": [({"lam": lam, "mu": mu, "p": p, "floor": g0}, linear(lam, mu, p, 0.3, floor=g0))
+                                  for lam, mu, p, g0 in itertools.product(
+                                      (0.3, 0.4, 0.6), (0.4, 0.6, 1.0), (1.5, 2), (0.0, 0.1, 0.25, 0.5))],
+    "query gate (exact tokens, vector lead)": [({"lam": lam, "mu": mu, "p": p, "floor": g0, "margin": m},
+                                                linear(lam, mu, p, 0.3, m, g0))
+                                               for lam, mu, p, g0, m in itertools.product(
+                                                   (0.3, 0.4, 0.6), (0.4, 0.6, 1.0), (1.5, 2), (0.0, 0.25),
+                                                   (0.1, 0.15, 0.2, 0.3))],
+    "query gate (exact tokens, vector lead; full coverage not gated)": [
+        ({"lam": lam, "mu": mu, "p": p, "floor": g0, "margin": m}, linear(lam, mu, p, 0.3, m, g0, full=True))
+        for lam, mu, p, g0, m in itertools.product((0.3, 0.4, 0.6), (0.4, 0.6, 1.0), (1.5, 2), (0.0, 0.25),
+                                                   (0.1, 0.15, 0.2, 0.3))],
+    "query gate (vector lead only)": [({"lam": lam, "mu": mu, "p": p, "floor": g0, "margin": m},
+                                       linear(lam, mu, p, 0.3, m, g0, lead_only=True))
+                                      for lam, mu, p, g0, m in itertools.product(
+                                          (0.3, 0.4, 0.6), (0.4, 0.6, 1.0), (1.5, 2), (0.0, 0.25),
+                                          (0.05, 0.1, 0.15, 0.2, 0.3))],
 }
 
 
@@ -308,8 +345,11 @@ def cross_validate(para: List[Dict[str, Any]], loc: Dict[str, List[Dict[str, Any
     ``bar``: choose parameters by issue #10's bar instead of the equal-weight mean: first reach vector's
     paraphrase top-1 on the training half (each point short costs 1.0), then the best training LoCoMo R@10.
     """
+    from memento_edge.fusion import has_exact_tokens
+
     for r in para + [r for rs in loc.values() for r in rs]:
         r["_f"] = features(r)
+        r["_exact"] = has_exact_tokens(r["question"])
     convs = sorted(loc)
     out: Dict[str, Any] = {}
     for name, grid in (FAMILIES if families is None else families).items():
@@ -359,6 +399,18 @@ def cross_validate(para: List[Dict[str, Any]], loc: Dict[str, List[Dict[str, Any
     return out
 
 
+def _add_questions(loc: Dict[str, List[Dict[str, Any]]]) -> None:
+    """Records written before they carried the LoCoMo question text get it from the data (same order)."""
+    data_dir = quality.default_data_dir()
+    for cid, recs in loc.items():
+        if recs and "question" not in recs[0] and data_dir is not None:
+            questions = quality.load_conversation(data_dir / f"{cid}.json")["questions"]
+            if len(questions) != len(recs):
+                raise SystemExit(f"records of conversation {cid} do not match its data: record again")
+            for rec, q in zip(recs, questions):
+                rec["question"] = q["question"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Record both dev sets with the real model and cross-validate every fusion family."""
     ap = argparse.ArgumentParser(prog="python -m bench.fusion_cv", description=main.__doc__)
@@ -382,6 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for key in ("sims", "matched", "dia", "near"):  # JSON object keys are strings
             if key in rec:
                 rec[key] = {int(k): v for k, v in rec[key].items()}
+    _add_questions(recs["locomo"])
     families = dict(FAMILIES)
     zipf = _zipf_table()
     if zipf is None:

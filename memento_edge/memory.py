@@ -556,7 +556,7 @@ class Memory:
     def _keyword_evidence(self, query: str, ids: Sequence[int]) -> fusion.KeywordEvidence:
         terms = _store.query_terms(query)
         docs, df, matched = self.store.term_matches(terms, ids)
-        return fusion.KeywordEvidence([t.text for t in terms], docs, df, matched)
+        return fusion.KeywordEvidence([t.text for t in terms], docs, df, matched, fusion.has_exact_tokens(query))
 
     def _keyword_recall(self, query: str, topk: int, flt: Dict[str, Any]) -> Tuple[List[fusion.Scored], _Ranks]:
         """Keyword mode: FTS5's BM25 finds the candidates; the matched share of the query's keyword weight

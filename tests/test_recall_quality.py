@@ -75,6 +75,54 @@ def test_coverage_weighs_rare_terms_more():
     assert fusion.coverage([], []) == 0.0
 
 
+# --- the query gate: keyword evidence where the query carries an exact token -----------------------
+@pytest.mark.parametrize("query", ["what is 10.20.0.7", "what does E1042 mean", "INV-2291", "who wrote report_v2",
+                                   'find "blue folder"', "what gift would Anna like", "when is Tom's birthday",
+                                   "the VPN keeps dropping", "Lars isn't around, ask Priya"])
+def test_queries_with_an_exact_token(query):
+    assert fusion.has_exact_tokens(query)
+
+
+@pytest.mark.parametrize("query", ["buy food", "where does the live website run", "What's the internet code?",
+                                   "can I release over the holidays", "Should we go out tonight?", ""])
+def test_everyday_queries_have_no_exact_token(query):
+    # a capital that only starts the sentence, and "I", name no one
+    assert not fusion.has_exact_tokens(query)
+
+
+def test_an_everyday_query_is_ranked_by_meaning_alone():
+    # id 2 shares the query's rarest word but means something else; id 1 is the paraphrase
+    ev = fusion.KeywordEvidence(["release", "holidays"], 100, [3, 1], {2: [1]}, exact=False)
+    ranked = fusion.fuse({1: 0.40, 2: 0.35}, ev)
+    assert [h.id for h in ranked] == [1, 2]
+    assert ranked[1].matched == ("holidays",)  # the evidence is still reported
+    assert ranked[1].score == pytest.approx(fusion.score(0.35, 0.0, 0.0))
+    # the same words in a query with an exact token (a name) win
+    named = fusion.fuse({1: 0.40, 2: 0.35}, dataclasses.replace(ev, exact=True))
+    assert [h.id for h in named] == [2, 1] and 0.0 < named[0].score < 1.0
+
+
+def test_a_memory_holding_every_query_term_is_not_gated():
+    ev = fusion.KeywordEvidence(["cat", "sofa"], 100, [2, 2], {2: [0, 1]}, exact=False)
+    ranked = fusion.fuse({1: 0.40, 2: 0.35}, ev)
+    assert [h.id for h in ranked] == [2, 1] and ranked[0].coverage == pytest.approx(1.0)
+
+
+def test_a_decisive_vector_side_is_not_overruled_by_a_shared_name():
+    ev = fusion.KeywordEvidence(["maya", "eat"], 100, [2, 10], {2: [0]}, exact=True)
+    lead = fusion.PARAMS.gate_margin
+    assert [h.id for h in fusion.fuse({1: 0.31 + lead, 2: 0.30}, ev)] == [1, 2]
+    assert [h.id for h in fusion.fuse({1: 0.32, 2: 0.30}, ev)] == [2, 1]  # undecided: the name decides
+
+
+def test_keyword_weight_is_the_gate():
+    params = dataclasses.replace(fusion.PARAMS, gate_margin=0.2, gate_floor=0.25)
+    assert fusion.keyword_weight(True, {1: 0.5, 2: 0.4}, params) == 1.0
+    assert fusion.keyword_weight(True, {1: 0.7, 2: 0.4}, params) == 0.25
+    assert fusion.keyword_weight(False, {1: 0.5, 2: 0.4}, params) == 0.25
+    assert fusion.keyword_weight(True, {1: 0.5}, params) == 0.25  # one candidate: nothing to break a tie with
+
+
 # --- the engine, with the real model --------------------------------------------------------------
 @pytest.fixture
 def notes_memory(real_memory):
