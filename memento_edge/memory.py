@@ -15,7 +15,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -46,6 +46,9 @@ HYBRID_POOL = 50
 # The min-max fusion hybrid recall used before fusion.py; kept for bench/fusion_cv.py's comparison.
 HYBRID_ALPHA = 0.5
 WRITE_BATCH = 64
+# A mini-batch of an embedding write also stops at this many estimated tokens (16 texts at the 256-token cap):
+# the governor re-checks memory, and the batch commits, every ~40 s of Pi Zero embedding instead of ~160 s.
+WRITE_BATCH_TOKENS = 4096
 # A write of several texts embeds them one by one; before each it yields to recall queries for at most
 # this long (a query embeds in milliseconds; the bound keeps a stream of queries from starving the write).
 QUERY_YIELD_S = 1.0
@@ -347,11 +350,26 @@ class Memory:
         with self.work.take(tokens, wait=WORK_WAIT_S):
             clean = [_validate_item(it, prefix=f"items[{i}]." if len(given) > 1 else "")
                      for i, it in enumerate(given)]
-            for start in range(0, len(clean), WRITE_BATCH):
-                results.extend(self._remember_batch(clean[start:start + WRITE_BATCH]))
+            for batch in self._write_batches(clean):
+                results.extend(self._remember_batch(batch))
                 if progress is not None:
                     progress(len(results), len(clean))
         return results
+
+    def _write_batches(self, items: List[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
+        """Mini-batches of at most WRITE_BATCH items and, when they are embedded now, WRITE_BATCH_TOKENS."""
+        budget = 0 if self.background else WRITE_BATCH_TOKENS
+        batch: List[Dict[str, Any]] = []
+        tokens = 0
+        for item in items:
+            cost = estimate_tokens((item["text"],), self.settings.max_tokens) if budget else 0
+            if batch and (len(batch) >= WRITE_BATCH or (budget and tokens + cost > budget)):
+                yield batch
+                batch, tokens = [], 0
+            batch.append(item)
+            tokens += cost
+        if batch:
+            yield batch
 
     def _tokens(self, items: Sequence[Mapping[str, Any]]) -> int:
         if self.background:

@@ -100,6 +100,20 @@ def test_near_duplicate_threshold(settings):
     assert c.created
 
 
+def test_long_texts_are_written_in_smaller_mini_batches(fake_memory):
+    """The governor's pace (the progress callback) runs after every WRITE_BATCH_TOKENS of embedding, so it can
+    stop a batch of long texts after 16 of them, not only after 64."""
+    seen = []
+    fake_memory.remember_many(({"text": f"{n} " + "long " * 400} for n in range(40)),
+                              progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(16, 40), (32, 40), (40, 40)]
+    seen.clear()
+    fake_memory.remember_many(({"text": f"short {n}"} for n in range(100)),
+                              progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(64, 100), (100, 100)]
+    assert fake_memory.count() == 140
+
+
 def test_delete_missing_id_is_not_found(fake_memory):
     with pytest.raises(NotFound):
         fake_memory.delete(12345)
